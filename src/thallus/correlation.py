@@ -1,0 +1,205 @@
+"""Correlation IDs: one ID per request, in every response, log line, error body and audit record.
+
+Rules (SYSTEM.md §7):
+
+* a client's ``X-Correlation-ID`` is used when it is 1–128 characters of ``[A-Za-z0-9._:-]``
+  starting with a letter or digit, and sent once; anything else is replaced by a generated ID
+  and the rejection is logged with the raw value escaped and truncated (never verbatim — the
+  header is attacker-controlled, asgi-correlation-id PR #71);
+* generated IDs are UUIDv7 (RFC 9562 §5.7), time-ordered, so sorting by ID sorts by time;
+* the ID is bound to a :class:`~contextvars.ContextVar` for the request's lifetime, *set* (never
+  appended) on the response, written back into the request headers so inner layers and tracers
+  see the effective value, and offered to outgoing ``httpx`` calls (:func:`propagate_correlation_id`).
+
+The layer also writes the one access-log line per request (method, path, status, duration), since
+it is the outermost layer and sees the final status of every response.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from thallus._asgi import RESPONSE_START_TYPES, ASGIApp, Message, Receive, Scope, Send, scope_state
+
+if TYPE_CHECKING:
+    import httpx
+
+HEADER = "X-Correlation-ID"
+HEADER_KEY = b"x-correlation-id"
+STATE_KEY = "correlation_id"
+MAX_LENGTH = 128
+_VALID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_LOGGED_SAMPLE = 64
+
+logger = logging.getLogger("thallus.correlation")
+access_logger = logging.getLogger("thallus.access")
+
+correlation_id_var: ContextVar[str | None] = ContextVar("thallus_correlation_id", default=None)
+
+
+def get_correlation_id() -> str | None:
+    """The current request's correlation ID, or ``None`` outside a request."""
+    return correlation_id_var.get()
+
+
+def is_valid_correlation_id(value: bytes | str) -> bool:
+    """Whether a client-supplied value may be used as the correlation ID (SYSTEM.md §7)."""
+    raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
+    return _VALID.fullmatch(raw) is not None
+
+
+# -- UUIDv7 ---------------------------------------------------------------------------------
+
+_uuid7_lock = threading.Lock()
+_uuid7_last = 0
+
+
+def uuid7() -> str:
+    """A UUIDv7 string: 48-bit Unix milliseconds, then 12 bits of sub-millisecond time (RFC 9562
+    §6.2 method 3) and 62 random bits. Strictly increasing within a process, so IDs minted in
+    the same tick still sort in creation order.
+    """
+    global _uuid7_last
+    nanoseconds = time.time_ns()
+    milliseconds, remainder = divmod(nanoseconds, 1_000_000)
+    timestamp = (milliseconds << 12) | (remainder * 4096 // 1_000_000)
+    random_bits = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
+    with _uuid7_lock:
+        if timestamp <= _uuid7_last:
+            timestamp = _uuid7_last + 1
+        _uuid7_last = timestamp
+    value = ((timestamp >> 12) << 80) | (0x7 << 76) | ((timestamp & 0xFFF) << 64) | (0b10 << 62) | random_bits
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+def escape_for_log(raw: bytes) -> str:
+    """A short, printable rendering of untrusted bytes for a log line."""
+    sample = raw[:_LOGGED_SAMPLE].decode("ascii", "backslashreplace")
+    sample = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in sample)
+    return sample + ("…" if len(raw) > _LOGGED_SAMPLE else "")
+
+
+# -- the layer ------------------------------------------------------------------------------
+
+
+class CorrelationIdMiddleware:
+    """Pure-ASGI layer: accept or mint the ID, bind it, echo it, and write the access-log line."""
+
+    def __init__(self, app: ASGIApp, *, access_log: bool = True) -> None:
+        self.app = app
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        correlation_id = self._accept_or_mint(scope)
+        header = (HEADER_KEY, correlation_id.encode("ascii"))
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            message_type = message["type"]
+            if message_type in RESPONSE_START_TYPES or message_type == "websocket.accept":
+                headers = message.get("headers") or ()
+                message["headers"] = [h for h in headers if h[0].lower() != HEADER_KEY]
+                message["headers"].append(header)
+                status = message.get("status", 101)
+            elif message_type == "websocket.close" and not status:
+                status = 403  # closed before accept: the server answers the handshake with 403
+            await send(message)
+
+        token = correlation_id_var.set(correlation_id)
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if self.access_log:
+                self._log_access(scope, status, started)
+            correlation_id_var.reset(token)
+
+    @staticmethod
+    def _accept_or_mint(scope: Scope) -> str:
+        values: list[bytes] = [value for name, value in scope["headers"] if name.lower() == HEADER_KEY]
+        if len(values) == 1 and _VALID.fullmatch(values[0]):
+            correlation_id = values[0].decode("ascii")
+        else:
+            correlation_id = uuid7()
+            if values:
+                logger.warning(
+                    "client correlation ID refused; generated %s",
+                    correlation_id,
+                    extra={
+                        "correlation_id": correlation_id,
+                        "refused_values": [escape_for_log(value) for value in values[:4]],
+                        "refused_count": len(values),
+                    },
+                )
+            headers = [(name, value) for name, value in scope["headers"] if name.lower() != HEADER_KEY]
+            headers.append((HEADER_KEY, correlation_id.encode("ascii")))
+            scope["headers"] = headers
+        scope_state(scope)[STATE_KEY] = correlation_id
+        return correlation_id
+
+    @staticmethod
+    def _log_access(scope: Scope, status: int, started: float) -> None:
+        if not access_logger.isEnabledFor(logging.INFO):
+            return
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        method = scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"
+        client = scope.get("client")
+        access_logger.info(
+            "%s %s %s",
+            method,
+            scope.get("path", ""),
+            status or "-",
+            extra={
+                "method": method,
+                "path": scope.get("path", ""),
+                "status": status or None,
+                "duration_ms": duration_ms,
+                "client": client[0] if client else None,
+            },
+        )
+
+
+# -- outgoing calls -------------------------------------------------------------------------
+
+
+def correlation_headers() -> dict[str, str]:
+    """``{"X-Correlation-ID": id}`` for the current request, or ``{}`` outside one."""
+    correlation_id = correlation_id_var.get()
+    return {HEADER: correlation_id} if correlation_id else {}
+
+
+def _set_header(request: httpx.Request) -> None:
+    correlation_id = correlation_id_var.get()
+    if correlation_id and HEADER not in request.headers:
+        request.headers[HEADER] = correlation_id
+
+
+async def _set_header_async(request: httpx.Request) -> None:
+    _set_header(request)
+
+
+def propagate_correlation_id(client: httpx.Client | httpx.AsyncClient) -> Any:
+    """Make ``client`` send the current correlation ID on every request (unless one is set).
+
+    Adds a request event hook, so the ID is read when each request is sent — the same
+    long-lived client serves every request of the service. Returns the client.
+    """
+    import httpx
+
+    hook: Any = _set_header_async if isinstance(client, httpx.AsyncClient) else _set_header
+    hooks = client.event_hooks
+    hooks["request"] = [*hooks.get("request", []), hook]
+    client.event_hooks = hooks
+    return client

@@ -1,0 +1,219 @@
+"""CSRF protection by origin evidence, for cookie-authenticated requests (SYSTEM.md §5).
+
+The decision is :func:`csrf_verdict`, a pure function; :class:`CSRFMiddleware` only gathers its
+inputs from the ASGI scope and answers a refusal.
+
+A request is **checked** when its method is not ``GET``, ``HEAD`` or ``OPTIONS`` (exact, so a
+lower-case ``patch`` is checked), it carries at least one cookie, and no earlier layer verified an
+API key for it (:func:`mark_api_key_authenticated`). A checked request **passes** when:
+
+1. ``Sec-Fetch-Site`` is ``same-origin`` or ``none`` (a user-initiated navigation) — the browser's
+   own statement, which a page cannot forge;
+2. else its ``Origin`` equals the service's public origin or an allowlisted origin; ``Origin: null``
+   or any other value is refused. ``same-site`` and ``cross-site`` never pass on their own: a
+   sibling subdomain is not trusted unless listed (OWASP Fetch Metadata guidance);
+3. else (no ``Origin``) its ``Referer`` has a trusted origin; any other Referer is refused;
+4. else, with no evidence at all, it is refused in ``test`` and ``production`` and passes in
+   ``development`` (curl and scripts send none of these headers). A ``Sec-Fetch-Site`` that is
+   present but not ``same-origin``/``none`` *is* evidence — of a browser — so without ``Origin`` or
+   ``Referer`` that request is refused in every environment.
+
+Trusted origins come from configuration, never from the ``Host`` header. Headers sent more than
+once are joined (``a, b``), which can never equal a trusted origin or ``same-origin``: fail closed.
+WebSocket handshakes carrying cookies are checked the same way (cross-site WebSocket hijacking:
+browsers send cookies and CORS never applies) and refused before they are accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from thallus._asgi import ASGIApp, Receive, Scope, Send, scope_state
+from thallus.errors import JSON_CONTENT_TYPE, error_body, send_error
+from thallus.origins import origin_of_url, parse_origins, request_origin_key
+
+logger = logging.getLogger("thallus.csrf")
+
+Environment = Literal["development", "test", "production"]
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: The method passed for a WebSocket handshake: never safe, so cookie-bearing handshakes are checked.
+WEBSOCKET_HANDSHAKE = "WEBSOCKET"
+
+#: ``scope["state"]`` key an authentication layer sets to ``True`` once it has *verified* an API
+#: key for the request. Presence of an ``X-API-Key`` header alone never exempts (saltcorn #4083).
+API_KEY_AUTHENTICATED_STATE_KEY = "thallus_api_key_authenticated"
+
+# Reasons, shared by logs, audit records, error details and tests (Django's convention).
+EXEMPT_SAFE_METHOD = "safe method"
+EXEMPT_NO_COOKIES = "no cookies"
+EXEMPT_API_KEY = "authenticated by API key"
+PASS_FETCH_METADATA = "Sec-Fetch-Site is same-origin or none"
+PASS_TRUSTED_ORIGIN = "Origin is trusted"
+PASS_TRUSTED_REFERER = "Referer is trusted"
+PASS_NO_EVIDENCE_DEVELOPMENT = "no origin evidence (allowed in development)"
+REJECT_NULL_ORIGIN = "Origin is null"
+REJECT_UNTRUSTED_ORIGIN = "Origin is not a trusted origin"
+REJECT_UNTRUSTED_REFERER = "Referer is not from a trusted origin"
+REJECT_CROSS_SITE_NO_ORIGIN = "Sec-Fetch-Site is not same-origin and there is no Origin or Referer"
+REJECT_NO_EVIDENCE = "no Sec-Fetch-Site, Origin or Referer header"
+
+_ALLOWING_FETCH_SITES = frozenset({"same-origin", "none"})
+
+
+@dataclass(frozen=True, slots=True)
+class CsrfVerdict:
+    """The outcome of :func:`csrf_verdict`: ``allowed`` and one of the reason constants."""
+
+    allowed: bool
+    reason: str
+    checked: bool = True
+
+
+def csrf_verdict(
+    method: str,
+    *,
+    has_cookies: bool,
+    api_key_authenticated: bool,
+    sec_fetch_site: str | None,
+    origin: str | None,
+    referer: str | None,
+    environment: Environment,
+    trusted_origins: frozenset[str],
+) -> CsrfVerdict:
+    """Decide one request (module doc, rules 1–4). ``trusted_origins`` are canonical (lower-case)."""
+    if method in SAFE_METHODS:
+        return CsrfVerdict(True, EXEMPT_SAFE_METHOD, checked=False)
+    if not has_cookies:
+        return CsrfVerdict(True, EXEMPT_NO_COOKIES, checked=False)
+    if api_key_authenticated:
+        return CsrfVerdict(True, EXEMPT_API_KEY, checked=False)
+    if sec_fetch_site is not None and sec_fetch_site.strip().lower() in _ALLOWING_FETCH_SITES:
+        return CsrfVerdict(True, PASS_FETCH_METADATA)
+    if origin is not None:
+        if origin.strip().lower() == "null":
+            return CsrfVerdict(False, REJECT_NULL_ORIGIN)
+        if request_origin_key(origin) in trusted_origins:
+            return CsrfVerdict(True, PASS_TRUSTED_ORIGIN)
+        return CsrfVerdict(False, REJECT_UNTRUSTED_ORIGIN)
+    if referer is not None:
+        if origin_of_url(referer) in trusted_origins:
+            return CsrfVerdict(True, PASS_TRUSTED_REFERER)
+        return CsrfVerdict(False, REJECT_UNTRUSTED_REFERER)
+    if sec_fetch_site is not None:
+        return CsrfVerdict(False, REJECT_CROSS_SITE_NO_ORIGIN)
+    if environment == "development":
+        return CsrfVerdict(True, PASS_NO_EVIDENCE_DEVELOPMENT)
+    return CsrfVerdict(False, REJECT_NO_EVIDENCE)
+
+
+def has_cookie(cookie_header: str) -> bool:
+    """Whether a ``Cookie`` value carries at least one cookie (any non-blank ``;``-separated pair).
+
+    Deliberately generous: a malformed pair still counts, so garbage is checked, never exempt.
+    """
+    return any(part.strip() for part in cookie_header.split(";"))
+
+
+def mark_api_key_authenticated(scope: Scope) -> None:
+    """Called by an authentication layer after it has verified the request's API key."""
+    scope_state(scope)[API_KEY_AUTHENTICATED_STATE_KEY] = True
+
+
+def _joined(values: list[str]) -> str | None:
+    return None if not values else values[0] if len(values) == 1 else ", ".join(values)
+
+
+class CSRFMiddleware:
+    """Pure-ASGI wrapper around :func:`csrf_verdict`; refusals are JSON 403 ``CSRFError``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        trusted_origins: Iterable[str],
+        *,
+        environment: Environment = "production",
+    ) -> None:
+        self.app = app
+        self.trusted_origins = frozenset(parse_origins(list(trusted_origins)))
+        self.environment: Environment = environment
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type == "http":
+            method = scope["method"]
+            if method in SAFE_METHODS:
+                await self.app(scope, receive, send)
+                return
+        elif scope_type == "websocket":
+            method = WEBSOCKET_HANDSHAKE
+        else:
+            await self.app(scope, receive, send)
+            return
+        verdict = self.verdict(scope, method)
+        if verdict.allowed:
+            await self.app(scope, receive, send)
+            return
+        origin = _header_text(scope, b"origin") or _header_text(scope, b"referer")
+        details = {"reason": verdict.reason, "origin": origin[:200] if origin else None}
+        logger.warning(
+            "CSRF check refused %s %s: %s", method, scope.get("path", ""), verdict.reason, extra={"csrf": details}
+        )
+        message = "Cross-site request refused: " + verdict.reason + "."
+        if scope_type == "http":
+            await send_error(send, 403, error="CSRFError", message=message, details=details)
+        else:
+            await _deny_websocket(scope, receive, send, error_body("CSRFError", message, details))
+
+    def verdict(self, scope: Scope, method: str) -> CsrfVerdict:
+        cookies: list[str] = []
+        fetch_site: list[str] = []
+        origins: list[str] = []
+        referers: list[str] = []
+        for name, value in scope["headers"]:
+            key = name.lower()
+            if key == b"cookie":
+                cookies.append(value.decode("latin-1"))
+            elif key == b"sec-fetch-site":
+                fetch_site.append(value.decode("latin-1"))
+            elif key == b"origin":
+                origins.append(value.decode("latin-1"))
+            elif key == b"referer":
+                referers.append(value.decode("latin-1"))
+        state = scope.get("state") or {}
+        return csrf_verdict(
+            method,
+            has_cookies=any(has_cookie(value) for value in cookies),
+            api_key_authenticated=state.get(API_KEY_AUTHENTICATED_STATE_KEY) is True,
+            sec_fetch_site=_joined(fetch_site),
+            origin=_joined(origins),
+            referer=_joined(referers),
+            environment=self.environment,
+            trusted_origins=self.trusted_origins,
+        )
+
+
+def _header_text(scope: Scope, name: bytes) -> str | None:
+    key: bytes
+    value: bytes
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _deny_websocket(scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+    """Refuse a handshake before accepting it: a 403 JSON response where the server supports the
+    denial-response extension, otherwise a close, which the server turns into HTTP 403."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" in scope.get("extensions", {}):
+        headers = [JSON_CONTENT_TYPE, (b"content-length", str(len(body)).encode())]
+        await send({"type": "websocket.http.response.start", "status": 403, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008})

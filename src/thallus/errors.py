@@ -1,0 +1,327 @@
+"""Uniform JSON errors and the error boundary (SYSTEM.md §8).
+
+Every error, from any layer, is ``{"error", "message", "details", "correlation_id"}`` with
+``Content-Type: application/json``. Layers raise nothing across ASGI boundaries: they answer with
+:func:`send_error`. The :class:`ErrorBoundaryMiddleware` makes the rule hold for the application too:
+
+* an unhandled exception becomes the JSON 500 (with the exception named in ``details`` only when
+  details are exposed — development), logged once with its traceback and correlation ID;
+* a :class:`ThallusError` raised by the application becomes its own status and shape;
+* a framework's *plain-text* 500 that is followed by the exception (Starlette's
+  ``ServerErrorMiddleware`` sends one, then re-raises) is held back and replaced, so the server's
+  or framework's text page is never what the client sees;
+* any other error response that is not JSON (a router's ``404 Not Found`` text, say) is rewritten
+  to the shape, keeping its status and headers (``Allow``, ``Retry-After``, …);
+* an application that returns without answering gets the JSON 500 too.
+
+An exception after the response has started cannot be answered; it is logged and re-raised so the
+server aborts the connection rather than pretend a truncated body is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from http import HTTPStatus
+from typing import Any
+
+from thallus._asgi import ASGIApp, Message, RawHeaders, Receive, Scope, Send
+from thallus.correlation import correlation_id_var
+
+logger = logging.getLogger("thallus.errors")
+
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+_HELD_BODY_LIMIT = 64 * 1024
+_DETAIL_TEXT_LIMIT = 1000
+
+#: The §8 type names; other statuses get their reason phrase in CamelCase + ``Error``.
+ERROR_TYPES: dict[int, str] = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    409: "ConflictError",
+    413: "PayloadTooLargeError",
+    422: "ValidationError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+}
+
+_MESSAGES: dict[int, str] = {
+    400: "The request is malformed.",
+    401: "Authentication is required.",
+    403: "You do not have permission to do this.",
+    404: "The requested resource was not found.",
+    405: "This method is not allowed on this resource.",
+    413: "The request body is too large.",
+    429: "Too many requests.",
+    500: "An internal error occurred.",
+}
+
+
+def error_type_for(status: int) -> str:
+    """The ``error`` field for a status: §8's table, else e.g. 415 → ``UnsupportedMediaTypeError``."""
+    if status in ERROR_TYPES:
+        return ERROR_TYPES[status]
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        return "ClientError" if status < 500 else "ServerError"
+    name = "".join(word.capitalize() for word in phrase.replace("-", " ").split() if word.isalnum())
+    return name if name.endswith("Error") else name + "Error"
+
+
+def default_message(status: int) -> str:
+    if status in _MESSAGES:
+        return _MESSAGES[status]
+    try:
+        return HTTPStatus(status).phrase + "."
+    except ValueError:
+        return "The request failed."
+
+
+class ThallusError(Exception):
+    """An error with a status and the §8 shape. Raise it from an application, or catch and send."""
+
+    status_code = 500
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        details: Any = None,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        status_code: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        if status_code is not None:
+            self.status_code = status_code
+        self.message = message or default_message(self.status_code)
+        self.details = details
+        self.headers = list(headers)
+        self.error = error or error_type_for(self.status_code)
+        super().__init__(self.message)
+
+
+class BadRequestError(ThallusError):
+    status_code = 400
+
+
+class AuthenticationError(ThallusError):
+    status_code = 401
+
+
+class PermissionDeniedError(ThallusError):
+    status_code = 403
+
+
+class CSRFError(ThallusError):
+    status_code = 403
+
+
+class CORSError(ThallusError):
+    status_code = 403
+
+
+class NotFoundError(ThallusError):
+    status_code = 404
+
+
+class MethodNotAllowedError(ThallusError):
+    status_code = 405
+
+
+class ConflictError(ThallusError):
+    status_code = 409
+
+
+class PayloadTooLargeError(ThallusError):
+    status_code = 413
+
+
+class ValidationError(ThallusError):
+    status_code = 422
+
+
+class RateLimitError(ThallusError):
+    status_code = 429
+
+
+class InternalServerError(ThallusError):
+    status_code = 500
+
+
+def error_body(error: str, message: str, details: Any = None, correlation_id: str | None = None) -> bytes:
+    """The §8 JSON body; the correlation ID defaults to the current request's."""
+    document = {
+        "error": error,
+        "message": message,
+        "details": details,
+        "correlation_id": correlation_id if correlation_id is not None else correlation_id_var.get(),
+    }
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    *,
+    error: str | None = None,
+    message: str | None = None,
+    details: Any = None,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer with a complete JSON error response (start and body)."""
+    body = error_body(error or error_type_for(status), message or default_message(status), details)
+    response_headers: RawHeaders = [JSON_CONTENT_TYPE, (b"content-length", str(len(body)).encode("ascii")), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": response_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_thallus_error(send: Send, exc: ThallusError) -> None:
+    await send_error(
+        send, exc.status_code, error=exc.error, message=exc.message, details=exc.details, headers=exc.headers
+    )
+
+
+def _is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            media_type = value.split(b";", 1)[0].strip().lower()
+            return media_type == b"application/json" or media_type.endswith(b"+json")
+    return False
+
+
+_KEPT_ON_REWRITE_EXCLUDED = frozenset({b"content-type", b"content-length", b"transfer-encoding", b"content-encoding"})
+
+
+class ErrorBoundaryMiddleware:
+    """Pure-ASGI layer that guarantees a JSON error for every failure below it (see module doc)."""
+
+    def __init__(self, app: ASGIApp, *, expose_details: bool = False, rewrite_non_json_errors: bool = True) -> None:
+        self.app = app
+        self.expose_details = expose_details
+        self.rewrite_non_json_errors = rewrite_non_json_errors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        forwarded = False  # something reached the client side
+        held: list[Message] = []  # a 5xx response, held until the application returns or raises
+        held_bytes = 0
+        rewrite: Message | None = None  # start of a non-JSON error whose body is being discarded
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal forwarded, held_bytes, rewrite
+            if message["type"] == "http.response.start":
+                if message["status"] >= 500:
+                    held.append(message)
+                    return
+                if message["status"] >= 400 and self._needs_rewrite(message):
+                    rewrite = message
+                    return
+            elif held:
+                held.append(message)
+                held_bytes += len(message.get("body", b""))
+                if held_bytes <= _HELD_BODY_LIMIT:
+                    return
+                start = held[0]
+                if self._needs_rewrite(start):  # too large to hold: its body is dropped anyway
+                    held.clear()
+                    rewrite = start
+                else:
+                    messages = list(held)
+                    held.clear()
+                    forwarded = True
+                    for item in messages:
+                        await send(item)
+                    return
+            if rewrite is not None:
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    start, rewrite = rewrite, None
+                    forwarded = True
+                    await self._send_rewritten(send, start)
+                return
+            forwarded = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, guarded_send)
+        except Exception as exc:
+            if forwarded:
+                logger.exception("unhandled exception after the response started; connection aborted")
+                raise
+            await self._answer_exception(send, exc)
+            return
+        if held:  # a 5xx the application chose to send, complete and not followed by an exception
+            if self._needs_rewrite(held[0]):
+                await self._send_rewritten(send, held[0])
+            else:
+                for item in held:
+                    await send(item)
+        elif rewrite is not None:
+            await self._send_rewritten(send, rewrite)
+        elif not forwarded:
+            logger.error("application returned without sending a response")
+            await send_error(send, 500, details=self._details("no response") if self.expose_details else None)
+
+    def _needs_rewrite(self, start: Message) -> bool:
+        return self.rewrite_non_json_errors and not _is_json(start.get("headers", ()))
+
+    async def _answer_exception(self, send: Send, exc: Exception) -> None:
+        if isinstance(exc, ThallusError):
+            if exc.status_code >= 500:
+                logger.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc)
+            await send_thallus_error(send, exc)
+            return
+        logger.error("unhandled exception: %s", type(exc).__name__, exc_info=exc)
+        details = self._details(type(exc).__name__, str(exc)) if self.expose_details else None
+        await send_error(send, 500, details=details)
+
+    @staticmethod
+    def _details(exception: str, message: str = "") -> dict[str, str]:
+        if len(message) > _DETAIL_TEXT_LIMIT:
+            message = message[:_DETAIL_TEXT_LIMIT] + "…"
+        return {"exception": exception, "message": message}
+
+    @staticmethod
+    async def _send_rewritten(send: Send, start: Message) -> None:
+        status = start["status"]
+        headers = start.get("headers", ())
+        kept = [(name, value) for name, value in headers if name.lower() not in _KEPT_ON_REWRITE_EXCLUDED]
+        details = None
+        if status == 405:
+            allow = next((value for name, value in kept if name.lower() == b"allow"), None)
+            if allow is not None:
+                details = {"allowed_methods": [m.strip() for m in allow.decode("latin-1").split(",") if m.strip()]}
+        await send_error(send, status, details=details, headers=kept)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        responded = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal responded
+            if message["type"] in ("websocket.accept", "websocket.close", "websocket.http.response.start"):
+                responded = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            logger.error("unhandled exception in websocket handler: %s", type(exc).__name__, exc_info=exc)
+            if responded:
+                raise
+            if "websocket.http.response" in scope.get("extensions", {}):
+                body = error_body("InternalServerError", default_message(500))
+                await send({"type": "websocket.http.response.start", "status": 500, "headers": [JSON_CONTENT_TYPE]})
+                await send({"type": "websocket.http.response.body", "body": body})
+            else:
+                await send({"type": "websocket.close", "code": 1011})
