@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -69,7 +70,7 @@ def error_type_for(status: int) -> str:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         return "ClientError" if status < 500 else "ServerError"
-    name = "".join(word.capitalize() for word in phrase.replace("-", " ").split() if word.isalnum())
+    name = "".join(re.sub(r"[^A-Za-z0-9]", "", word).capitalize() for word in phrase.replace("-", " ").split())
     return name if name.endswith("Error") else name + "Error"
 
 
@@ -325,3 +326,87 @@ class ErrorBoundaryMiddleware:
                 await send({"type": "websocket.http.response.body", "body": body})
             else:
                 await send({"type": "websocket.close", "code": 1011})
+
+
+# -- Starlette / FastAPI integration ------------------------------------------------------------
+
+_SENSITIVE_FIELD = re.compile(r"pass(word|phrase)?|secret|token|api[_-]?key|authorization|cookie|credential", re.I)
+REDACTED = "[redacted]"
+
+
+def redact(value: Any, *, field: str = "") -> Any:
+    """``value`` with every sensitive-looking field (password, token, secret, key, …) replaced."""
+    if field and _SENSITIVE_FIELD.search(field):
+        return REDACTED
+    if isinstance(value, dict):
+        return {key: redact(item, field=str(key)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact(item) for item in value]
+    return value
+
+
+def validation_details(errors: Iterable[Any]) -> list[dict[str, Any]]:
+    """Pydantic/FastAPI validation errors as §8 details: ``{type, loc, msg, input}``, secrets redacted."""
+    details = []
+    for error in errors:
+        loc = [part if isinstance(part, (str, int)) else str(part) for part in error.get("loc", ())]
+        sensitive = any(isinstance(part, str) and _SENSITIVE_FIELD.search(part) for part in loc)
+        value = error.get("input")
+        details.append(
+            {
+                "type": error.get("type"),
+                "loc": loc,
+                "msg": error.get("msg"),
+                "input": REDACTED if sensitive else redact(value),
+            }
+        )
+    return details
+
+
+def install_error_handlers(app: Any) -> None:
+    """Give a Starlette or FastAPI application §8 errors for its own exceptions.
+
+    ``HTTPException`` (routing 404/405 included) keeps its status and headers; FastAPI's request
+    validation becomes a 422 ``ValidationError`` whose ``input`` never echoes a secret; a
+    :class:`ThallusError` keeps its status. Handlers are added only where the app has none.
+    """
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    def respond(status: int, error: str, message: str, details: Any, headers: Mapping[str, str] | None) -> Response:
+        body = error_body(error, message, details)
+        return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+    async def http_exception(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        status = exc.status_code
+        message = exc.detail if isinstance(exc.detail, str) and exc.detail != HTTPStatus(status).phrase else None
+        details = None
+        if status == 405 and exc.headers and "Allow" in exc.headers:
+            details = {"allowed_methods": [m.strip() for m in exc.headers["Allow"].split(",")]}
+        elif exc.detail is not None and not isinstance(exc.detail, str):
+            details = exc.detail
+        return respond(status, error_type_for(status), message or default_message(status), details, exc.headers)
+
+    async def thallus_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ThallusError)
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in exc.headers}
+        return respond(exc.status_code, exc.error, exc.message, exc.details, headers)
+
+    handlers: dict[Any, Any] = {HTTPException: http_exception, ThallusError: thallus_error}
+    try:
+        from fastapi.exceptions import RequestValidationError
+    except ImportError:  # plain Starlette
+        pass
+    else:
+
+        async def request_validation(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, RequestValidationError)
+            details = validation_details(exc.errors())
+            return respond(422, "ValidationError", "The request is invalid.", details, None)
+
+        handlers[RequestValidationError] = request_validation
+    for exception_class, handler in handlers.items():
+        if exception_class not in app.exception_handlers:
+            app.add_exception_handler(exception_class, handler)

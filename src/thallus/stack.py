@@ -22,7 +22,7 @@ from thallus._asgi import ASGIApp
 from thallus.correlation import CorrelationIdMiddleware
 from thallus.cors import CORSMiddleware
 from thallus.csrf import CSRFMiddleware
-from thallus.errors import ErrorBoundaryMiddleware
+from thallus.errors import ErrorBoundaryMiddleware, install_error_handlers
 from thallus.headers import HeaderPolicy, SecurityHeadersMiddleware
 from thallus.settings import Settings
 
@@ -32,9 +32,14 @@ Layer = Callable[[ASGIApp], ASGIApp]
 def protect(app: ASGIApp, settings: Settings | None = None, *, inner: Sequence[Layer] = ()) -> ASGIApp:
     """Wrap any ASGI application in the core protection layers configured by ``settings``.
 
-    Without ``settings``, they are read from the environment (``Settings.load()``).
+    Without ``settings``, they are read from the environment (``Settings.load()``). A Starlette or
+    FastAPI application also gets §8 handlers for its own HTTP and validation errors
+    (:func:`~thallus.errors.install_error_handlers`); any other application's non-JSON error
+    responses are rewritten by the error boundary.
     """
     settings = settings or Settings.load()
+    if _is_starlette(app):
+        install_error_handlers(app)
     wrapped: ASGIApp = CSRFMiddleware(app, settings.trusted_origins, environment=settings.env)
     for layer in reversed(inner):
         wrapped = layer(wrapped)
@@ -44,3 +49,11 @@ def protect(app: ASGIApp, settings: Settings | None = None, *, inner: Sequence[L
     )
     wrapped = SecurityHeadersMiddleware(wrapped, HeaderPolicy.from_settings(settings))
     return CorrelationIdMiddleware(wrapped)
+
+
+def _is_starlette(app: ASGIApp) -> bool:
+    try:
+        from starlette.applications import Starlette
+    except ImportError:  # pragma: no cover - starlette is a dependency
+        return False
+    return isinstance(app, Starlette)
