@@ -368,7 +368,8 @@ def install_error_handlers(app: Any) -> None:
 
     ``HTTPException`` (routing 404/405 included) keeps its status and headers; FastAPI's request
     validation becomes a 422 ``ValidationError`` whose ``input`` never echoes a secret; a
-    :class:`ThallusError` keeps its status. Handlers are added only where the app has none.
+    :class:`ThallusError` keeps its status. A handler the application installed itself is kept;
+    FastAPI's ``{"detail": …}`` defaults are replaced.
     """
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
@@ -395,11 +396,14 @@ def install_error_handlers(app: Any) -> None:
         return respond(exc.status_code, exc.error, exc.message, exc.details, headers)
 
     handlers: dict[Any, Any] = {HTTPException: http_exception, ThallusError: thallus_error}
+    replaceable: set[Any] = set()  # framework defaults, as opposed to handlers the application chose
     try:
+        from fastapi import exception_handlers as fastapi_defaults
         from fastapi.exceptions import RequestValidationError
     except ImportError:  # plain Starlette
         pass
     else:
+        replaceable = {fastapi_defaults.http_exception_handler, fastapi_defaults.request_validation_exception_handler}
 
         async def request_validation(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, RequestValidationError)
@@ -408,5 +412,6 @@ def install_error_handlers(app: Any) -> None:
 
         handlers[RequestValidationError] = request_validation
     for exception_class, handler in handlers.items():
-        if exception_class not in app.exception_handlers:
+        current = app.exception_handlers.get(exception_class)
+        if current is None or current in replaceable:
             app.add_exception_handler(exception_class, handler)
