@@ -1,0 +1,76 @@
+"""Run ``thallus serve`` as a real process for black-box tests over loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+THALLUS = str(Path(sys.executable).parent / "thallus")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    process: subprocess.Popen[str]
+
+    def output(self) -> str:
+        """Everything the server wrote (stops it first)."""
+        self.stop()
+        assert self.process.stdout is not None
+        return self.process.stdout.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextmanager
+def running_server(environment: Mapping[str, str], *extra_args: str) -> Iterator[Server]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THALLUS_") or k.startswith("THALLUS_TEST_")}
+    env.update(environment)
+    process = subprocess.Popen(
+        [THALLUS, "serve", "--host", "127.0.0.1", "--port", str(port), *extra_args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    server = Server(f"http://127.0.0.1:{port}", port, process)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"thallus serve exited with {process.returncode}: {server.output()}")
+            try:
+                httpx.get(server.url + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"thallus serve did not answer: {server.output()}") from None
+                time.sleep(0.1)
+        yield server
+    finally:
+        server.stop()
