@@ -300,6 +300,15 @@ def test_wrapper_refuses_with_json_403() -> None:
     assert set(body) == {"error", "message", "details", "correlation_id"}
 
 
+def test_refusal_names_only_the_referers_origin() -> None:
+    referer = "https://evil.com/reset?token=s3cret"
+    response = call(middleware(), "POST", "/", [("cookie", "s=1"), ("referer", referer)])
+    assert response.json()["details"]["origin"] == "https://evil.com"
+    assert "s3cret" not in response.body.decode()
+    malformed = call(middleware(), "POST", "/", [("cookie", "s=1"), ("referer", "not a url?token=s3cret")])
+    assert malformed.json()["details"]["origin"] == "(malformed Referer)"
+
+
 def test_wrapper_passes_trusted_origin() -> None:
     response = call(middleware(), "POST", "/items", [("cookie", "session=1"), ("origin", SPA)])
     assert response.status == 200

@@ -157,8 +157,7 @@ class CSRFMiddleware:
         if verdict.allowed:
             await self.app(scope, receive, send)
             return
-        origin = _header_text(scope, b"origin") or _header_text(scope, b"referer")
-        details = {"reason": verdict.reason, "origin": origin[:200] if origin else None}
+        details = {"reason": verdict.reason, "origin": _offending_origin(scope)}
         logger.warning(
             "CSRF check refused %s %s: %s", method, scope.get("path", ""), verdict.reason, extra={"csrf": details}
         )
@@ -196,13 +195,21 @@ class CSRFMiddleware:
         )
 
 
-def _header_text(scope: Scope, name: bytes) -> str | None:
+def _offending_origin(scope: Scope) -> str | None:
+    """What to name in logs and audit records: the Origin, else only the Referer's origin — a
+    Referer's path and query may carry tokens and must not be copied into records."""
+    referer = None
     key: bytes
     value: bytes
     for key, value in scope["headers"]:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
+        name = key.lower()
+        if name == b"origin":
+            return value.decode("latin-1")[:200]
+        if name == b"referer" and referer is None:
+            referer = value.decode("latin-1")
+    if referer is None:
+        return None
+    return origin_of_url(referer) or "(malformed Referer)"
 
 
 async def _deny_websocket(scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
