@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -51,6 +52,10 @@ def running_server(environment: Mapping[str, str], *extra_args: str) -> Iterator
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("THALLUS_") or k.startswith("THALLUS_TEST_")}
     env.update(environment)
+    data_dir = None
+    if "THALLUS_DATA_DIR" not in env:  # never the developer's own ~/.local/share/thallus
+        data_dir = tempfile.TemporaryDirectory(prefix="thallus-serve-")
+        env["THALLUS_DATA_DIR"] = data_dir.name
     process = subprocess.Popen(
         [THALLUS, "serve", "--host", "127.0.0.1", "--port", str(port), *extra_args],
         env=env,
@@ -74,3 +79,5 @@ def running_server(environment: Mapping[str, str], *extra_args: str) -> Iterator
         yield server
     finally:
         server.stop()
+        if data_dir is not None:
+            data_dir.cleanup()

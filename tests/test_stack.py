@@ -247,11 +247,14 @@ def test_fastapi_missing_password_field_never_echoes_the_body() -> None:
     assert "hunter2" not in response.body.decode()
 
 
-def test_fastapi_bad_json_is_a_clean_4xx() -> None:
+def test_fastapi_bad_json_is_a_400() -> None:
     app = protect(fastapi_app(), production())
-    response = call(app, "POST", "/items", [("content-type", "application/json")], body=b"{not json")
-    assert response.status == 422
+    response = call(app, "POST", "/items", [("content-type", "application/json")], body=b'{"password": "hunter2-x", ')
+    assert response.status == 400
     assert_protected(response)
+    assert response.json()["error"] == "BadRequestError"
+    assert response.json()["details"][0]["type"] == "json_invalid"
+    assert "hunter2" not in response.body.decode()
 
 
 def test_api_key_layer_plugs_in_before_csrf() -> None:

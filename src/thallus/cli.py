@@ -1,22 +1,32 @@
-"""The ``thallus`` command: ``serve`` and ``config show``.
+"""The ``thallus`` command: ``serve``, ``config show``, ``db upgrade``, ``users``, ``keys``.
 
 Invalid settings stop every command with one line per problem on stderr
-(``thallus: THALLUS_VARIABLE: reason``) and exit status 2.
+(``thallus: THALLUS_VARIABLE: reason``) and exit status 2; a refused operation (duplicate e-mail,
+weak password, unknown user, unreachable database) prints ``thallus: reason`` and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from thallus import __version__
 from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS
+from thallus.errors import NotFoundError
 from thallus.headers import CACHE_CONTROL, HeaderPolicy
+from thallus.identity.service import Identity
 from thallus.settings import ConfigurationError, Settings
 
+if TYPE_CHECKING:
+    from thallus.storage.models import ApiKey, User
+
+T = TypeVar("T")
+EXIT_FAILURE = 1
 EXIT_CONFIGURATION = 2
 
 _DISPLAY_NAMES = {
@@ -131,7 +141,10 @@ def _config_show(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from thallus.storage import Database
+
     settings = _load_settings()  # fail fast, before uvicorn starts workers
+    _run(Database(settings.effective_database_url).migrate())  # once, before any worker
     uvicorn.run(
         "thallus.service:serve_factory",
         factory=True,
@@ -147,6 +160,101 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(operation: Coroutine[Any, Any, T]) -> T:
+    """Run one async operation; identity and database errors become one ``thallus:`` line and exit 1."""
+    from thallus.errors import ThallusError
+    from thallus.storage import DatabaseUnavailableError
+
+    try:
+        return asyncio.run(operation)
+    except ThallusError as exc:
+        print(f"thallus: {exc.message}", file=sys.stderr)
+        if isinstance(exc.details, list):
+            for item in exc.details:
+                if isinstance(item, dict) and "msg" in item:
+                    print(f"thallus:   {item.get('loc', ['?'])[-1]}: {item['msg']}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILURE) from None
+    except DatabaseUnavailableError as exc:
+        print(f"thallus: the database is unavailable: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILURE) from None
+
+
+async def _with_identity(settings: Settings, work: Callable[[Identity], Awaitable[T]]) -> T:
+    identity = Identity.from_settings(settings)
+    try:
+        await identity.database.migrate()
+        return await work(identity)
+    finally:
+        await identity.database.dispose()
+
+
+def _read_password(value: str) -> str:
+    """``-`` reads the password from standard input (keeps it out of the process list)."""
+    return sys.stdin.readline().rstrip("\n") if value == "-" else value
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from thallus.storage import Database
+
+    settings = _load_settings()
+    _run(Database(settings.effective_database_url).migrate())
+    print(f"database is at the newest schema: {_safe_url(settings.effective_database_url)}")
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _users_create(args: argparse.Namespace) -> int:
+    settings = _load_settings()
+    password = _read_password(args.password)
+    role = "admin" if args.admin else "user"
+
+    async def work(identity: Identity) -> User:
+        return await identity.create_user(args.email, password, args.name, role=role, api_access=args.api_access)
+
+    user = _run(_with_identity(settings, work))
+    print(f"{user.id} {user.email} created ({role}{', api_access' if user.api_access else ''})")
+    return 0
+
+
+def _users_list(args: argparse.Namespace) -> int:
+    settings = _load_settings()
+    users = _run(_with_identity(settings, lambda identity: identity.list_users()))
+    for user in users:
+        features = ",".join(user.features) or "-"
+        print(f"{user.id} {user.email} {user.role} {features} {user.created_at.isoformat()} {user.name or '-'}")
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from thallus.identity.principal import Principal
+    from thallus.identity.service import ClientInfo, utc
+
+    settings = _load_settings()
+    try:
+        expires_at = utc(datetime.fromisoformat(args.expires_at)) if args.expires_at else None
+    except ValueError:
+        print(f"thallus: --expires-at {args.expires_at!r} is not an ISO 8601 time", file=sys.stderr)
+        return EXIT_FAILURE
+
+    async def work(identity: Identity) -> tuple[ApiKey, str]:
+        user = await identity.user_by_email(args.email)
+        if user is None:
+            raise NotFoundError(f"No user with e-mail address {args.email}.")
+        principal = Principal(user.id, user.email, user.name, user.role, "session")
+        client = ClientInfo(user_agent="thallus-cli")
+        return await identity.create_api_key(principal, args.name, expires_at, client, require_feature=False)
+
+    key, raw = _run(_with_identity(settings, work))
+    print(f"created API key {key.id} ({key.preview}) for {args.email}; it is shown once:", file=sys.stderr)
+    print(raw)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thallus", description="Thallus: a security layer for HTTP APIs.")
     parser.add_argument("--version", action="version", version=f"thallus {__version__}")
@@ -157,6 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.set_defaults(handler=_serve)
+
+    db = commands.add_parser("db", help="database administration")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    db_commands.add_parser("upgrade", help="apply every pending migration").set_defaults(handler=_db_upgrade)
+
+    users = commands.add_parser("users", help="user administration")
+    user_commands = users.add_subparsers(dest="users_command", required=True, metavar="COMMAND")
+    create = user_commands.add_parser("create", help="create a user")
+    create.add_argument("--email", required=True)
+    create.add_argument("--password", required=True, help="the password, or - to read it from standard input")
+    create.add_argument("--name", default="")
+    create.add_argument("--admin", action="store_true", help="give the admin role")
+    create.add_argument("--api-access", action="store_true", help="allow the user to create API keys")
+    create.set_defaults(handler=_users_create)
+    listing = user_commands.add_parser("list", help="one user a line: id email role features created name")
+    listing.set_defaults(handler=_users_list)
+
+    keys = commands.add_parser("keys", help="API-key administration")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    key_create = key_commands.add_parser("create", help="create an API key and print it (once)")
+    key_create.add_argument("--email", required=True, help="the user the key acts for")
+    key_create.add_argument("--name", required=True, help="a label for the key")
+    key_create.add_argument("--expires-at", help="ISO 8601 expiry time (UTC when no zone is given)")
+    key_create.set_defaults(handler=_keys_create)
 
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")

@@ -110,6 +110,25 @@ def csrf_verdict(
     return CsrfVerdict(False, REJECT_NO_EVIDENCE)
 
 
+def login_csrf_verdict(
+    *, sec_fetch_site: str | None, origin: str | None, referer: str | None, trusted_origins: frozenset[str]
+) -> CsrfVerdict:
+    """Login CSRF (§5): a login or registration carries no session cookie yet, so the cookie rule
+    never applies; instead, a request whose headers say it is cross-origin must name a trusted
+    origin. Non-browser clients, which send none of these headers, pass in every environment.
+    """
+    return csrf_verdict(
+        "POST",
+        has_cookies=True,
+        api_key_authenticated=False,
+        sec_fetch_site=sec_fetch_site,
+        origin=origin,
+        referer=referer,
+        environment="development",  # "no evidence" passes: only cross-origin evidence matters here
+        trusted_origins=trusted_origins,
+    )
+
+
 def has_cookie(cookie_header: str) -> bool:
     """Whether a ``Cookie`` value carries at least one cookie (any non-blank ``;``-separated pair).
 

@@ -102,7 +102,9 @@ class ThallusError(Exception):
         self.message = message or default_message(self.status_code)
         self.details = details
         self.headers = list(headers)
-        self.error = error or error_type_for(self.status_code)
+        # A subclass's name is its §8 type (CSRFError, CORSError, …); the base class goes by status.
+        named = type(self) is not ThallusError and type(self).__module__ == __name__
+        self.error = error or (type(self).__name__ if named else error_type_for(self.status_code))
         super().__init__(self.message)
 
 
@@ -408,6 +410,9 @@ def install_error_handlers(app: Any) -> None:
         async def request_validation(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, RequestValidationError)
             details = validation_details(exc.errors())
+            if any(item["type"] == "json_invalid" for item in details):
+                malformed = [{**item, "input": None} for item in details if item["type"] == "json_invalid"]
+                return respond(400, "BadRequestError", "The request body is not valid JSON.", malformed, None)
             return respond(422, "ValidationError", "The request is invalid.", details, None)
 
         handlers[RequestValidationError] = request_validation

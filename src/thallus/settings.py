@@ -38,6 +38,8 @@ Environment = Literal["development", "test", "production"]
 ENV_PREFIX = "THALLUS_"
 CONFIG_FILE_VARIABLE = "THALLUS_CONFIG_FILE"
 MIN_SECRET_LENGTH = 32
+#: OWASP Password Storage Cheat Sheet's floor for Argon2id (19 MiB, t=2, p=1).
+MIN_ARGON2_MEMORY_KIB = 19456
 DEVELOPMENT_ORIGINS = (
     "http://localhost:3000",
     "http://localhost:5173",
@@ -78,6 +80,12 @@ class CookiePolicy:
     same_site: Literal["Lax", "Strict"]
     path: str
     http_only: bool = True
+
+
+def _default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/thallus`` (``~/.local/share/thallus``): the same file whatever the working directory."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "thallus"
 
 
 def _split_commas(value: Any) -> Any:
@@ -123,6 +131,24 @@ class Settings(BaseSettings):
 
     no_store_paths: CommaList = Field((AUTH_PATH,), description="path prefixes answered with Cache-Control: no-store")
     log_level: str = "INFO"
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="where the SQLite file lives")
+    database_url: str | None = Field(None, description="sqlalchemy URL; default: SQLite in THALLUS_DATA_DIR")
+    previous_secret_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), description="comma-separated earlier secrets: their tokens and keys stay valid during rotation"
+    )
+    registration_enabled: bool = Field(True, description="whether POST /api/v1/auth/register is open")
+    docs_enabled: bool = Field(True, description="whether /docs and /openapi.json are served")
+    refresh_token_ttl: int = Field(30 * 86400, ge=300, description="seconds a login (refresh-token family) lives")
+    session_inactivity_timeout: int = Field(
+        86400, ge=60, description="seconds without a refresh after which a session ends"
+    )
+    api_key_cache_seconds: float = Field(
+        5.0, ge=0, le=5, description="how long another instance may still accept a revoked API key"
+    )
+    argon2_time_cost: int = Field(3, ge=1)
+    argon2_memory_cost: int = Field(65536, ge=8, description="KiB")
+    argon2_parallelism: int = Field(4, ge=1)
 
     # -- parsing -------------------------------------------------------------------------
 
@@ -190,6 +216,23 @@ class Settings(BaseSettings):
                     raise ValueError(f"{path!r} must start with '/'")
         return value
 
+    @field_validator("previous_secret_keys", mode="before")
+    @classmethod
+    def _parse_previous_secrets(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://", "postgresql://", "postgres://")):
+            raise ValueError("use sqlite+aiosqlite:///path or postgresql+asyncpg://user@host/db")
+        if value.startswith(("postgresql://", "postgres://")):
+            value = "postgresql+asyncpg://" + value.split("://", 1)[1]
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _parse_log_level(cls, value: Any) -> Any:
@@ -234,6 +277,11 @@ class Settings(BaseSettings):
             )
         if self.env == "development":
             return self
+        if self.argon2_memory_cost < MIN_ARGON2_MEMORY_KIB:
+            raise _RefusalError(
+                "THALLUS_ARGON2_MEMORY_COST",
+                f"must be at least {MIN_ARGON2_MEMORY_KIB} KiB outside development (OWASP)",
+            )
         secret = self.secret_key.get_secret_value() if self.secret_key else ""
         if not secret:
             raise _RefusalError("THALLUS_SECRET_KEY", f"is required in {self.env}")
@@ -271,6 +319,11 @@ class Settings(BaseSettings):
             raise ConfigurationError([f"{CONFIG_FILE_VARIABLE}: {exc}"]) from None
 
     # -- derived policy ---------------------------------------------------------------------
+
+    @property
+    def effective_database_url(self) -> str:
+        """``THALLUS_DATABASE_URL``, or the embedded SQLite file in ``THALLUS_DATA_DIR``."""
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'thallus.db'}"
 
     @property
     def origins(self) -> tuple[str, ...]:

@@ -1,0 +1,610 @@
+"""Per-request cost of ``thallus.protect`` against a bare Starlette app and a stack of peer libraries.
+
+The ASGI applications are called directly, in process, on one asyncio event loop: hand-built
+``scope``, a ``receive`` that hands over the request body, a ``send`` that drops every message. No
+sockets, no server, no test client, so what is measured is the application and its layers alone.
+
+Three stacks, built on three separate but identical Starlette applications (``protect`` installs
+error handlers on the application it wraps, so the bare one must not be shared):
+
+* ``bare``    — Starlette with ``GET /items`` and ``POST /items``;
+* ``thallus`` — the same app wrapped by ``thallus.protect`` with production settings;
+* ``peer``    — the same app wrapped, outermost first, by asgi-correlation-id, secure.py, Starlette's
+  ``CORSMiddleware`` and starlette-csrf, configured to match Thallus as closely as they allow.
+
+Four scenarios, each one fixed request sent unchanged to every stack (see ``SCENARIOS``).
+Run ``.venv/bin/python benchmarks/bench_core.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import io
+import json
+import logging
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, cast
+
+from asgi_correlation_id import CorrelationIdMiddleware as PeerCorrelationIdMiddleware
+from itsdangerous.url_safe import URLSafeSerializer
+from secure import (
+    ContentSecurityPolicy,
+    CrossOriginOpenerPolicy,
+    CrossOriginResourcePolicy,
+    CustomHeader,
+    PermissionsPolicy,
+    ReferrerPolicy,
+    Secure,
+    Server,
+    StrictTransportSecurity,
+    XContentTypeOptions,
+    XFrameOptions,
+    XPermittedCrossDomainPolicies,
+)
+from secure.middleware import SecureASGIMiddleware
+from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware as StarletteCORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette_csrf.middleware import CSRFMiddleware as StarletteCSRFMiddleware
+
+# src/thallus has no py.typed marker: checked on its own, this file sees thallus as untyped (the
+# project-wide `mypy` run reads it from src/ and needs no ignore, hence `unused-ignore`).
+from thallus import HeaderPolicy, Settings, protect
+from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS
+
+SECRET = "x" * 40
+APP_ORIGIN = "https://app.example.com"
+PUBLIC_ORIGIN = "https://api.example.com"
+SESSION_COOKIE = "session"
+PEER_CSRF_COOKIE = "csrftoken"
+PEER_CSRF_HEADER = "x-csrftoken"
+
+STACKS = ("bare", "thallus", "peer")
+#: Requests timed between two clock reads; the same for every stack, so the per-request share of
+#: the clock read and loop is identical (and below a nanosecond).
+BATCH = 100
+PACKAGES = ("thallus", "starlette", "secure", "asgi-correlation-id", "starlette-csrf", "itsdangerous", "pydantic")
+
+
+# -- the application ---------------------------------------------------------------------------
+
+ITEMS = {"items": [{"id": 1, "name": "widget", "price": 9.5}, {"id": 2, "name": "gadget", "price": 12.0}]}
+
+
+async def list_items(request: Request) -> JSONResponse:
+    return JSONResponse(ITEMS)
+
+
+async def create_item(request: Request) -> JSONResponse:
+    payload = await request.json()
+    return JSONResponse({"id": 3, **payload}, status_code=201)
+
+
+def make_app() -> Starlette:
+    """A fresh Starlette app; each stack gets its own so no stack changes another's app."""
+    return Starlette(
+        routes=[Route("/items", list_items, methods=["GET"]), Route("/items", create_item, methods=["POST"])]
+    )
+
+
+# -- the stacks --------------------------------------------------------------------------------
+
+
+def thallus_settings() -> Settings:
+    return Settings(
+        env="production",
+        secret_key=SECRET,
+        allowed_origins=(APP_ORIGIN,),
+        public_origin=PUBLIC_ORIGIN,
+    )
+
+
+def build_thallus() -> ASGIApp:
+    app: ASGIApp = protect(make_app(), thallus_settings())
+    return app
+
+
+def peer_secure() -> Secure:
+    """secure.py configured for the header set Thallus sends on a 2xx in production.
+
+    Same values, header for header. Thallus removes ``Server``; secure.py can only overwrite it,
+    so it is set to an empty value (secure.py's own presets do the same).
+    """
+    rendered = dict(HeaderPolicy.from_settings(thallus_settings()).headers)
+    return Secure(
+        xcto=XContentTypeOptions().nosniff(),
+        xfo=XFrameOptions().deny(),
+        referrer=ReferrerPolicy().strict_origin_when_cross_origin(),
+        hsts=StrictTransportSecurity().max_age(31536000),
+        permissions=PermissionsPolicy().value(rendered[b"permissions-policy"].decode()),
+        csp=(
+            ContentSecurityPolicy()
+            .default_src("'self'")
+            .object_src("'none'")
+            .base_uri("'self'")
+            .frame_ancestors("'none'")
+            .form_action("'self'")
+        ),
+        coop=CrossOriginOpenerPolicy().same_origin(),
+        corp=CrossOriginResourcePolicy().same_site(),
+        xpcdp=XPermittedCrossDomainPolicies().none(),
+        server=Server().set(""),
+        custom=[CustomHeader("X-XSS-Protection", "1; mode=block")],
+    )
+
+
+def build_peer() -> ASGIApp:
+    """The peer stack in Thallus's order: correlation → headers → CORS → CSRF → app.
+
+    Starlette's own ``ServerErrorMiddleware`` plays the error boundary, as in the bare app.
+    """
+    app: ASGIApp = StarletteCSRFMiddleware(make_app(), secret=SECRET, sensitive_cookies={SESSION_COOKIE})
+    app = StarletteCORSMiddleware(
+        app,
+        allow_origins=[APP_ORIGIN],
+        allow_credentials=True,
+        allow_methods=list(ALLOWED_METHODS),
+        allow_headers=list(ALLOWED_HEADERS),
+        expose_headers=list(EXPOSED_HEADERS),
+        max_age=600,
+    )
+    # secure.py types scope and messages as `object`, narrower than Starlette's ASGIApp accepts
+    app = cast(ASGIApp, SecureASGIMiddleware(app, secure=peer_secure()))
+    return PeerCorrelationIdMiddleware(app, header_name="X-Correlation-ID")
+
+
+BUILDERS: dict[str, Callable[[], ASGIApp]] = {"bare": make_app, "thallus": build_thallus, "peer": build_peer}
+
+
+# -- the requests ------------------------------------------------------------------------------
+
+#: starlette-csrf's double-submit token: signed the way the middleware signs it, sent as its cookie
+#: and echoed in its header. Thallus ignores both.
+PEER_CSRF_TOKEN: str = URLSafeSerializer(SECRET, "csrftoken").dumps("benchmark-token")
+COOKIES = f"{SESSION_COOKIE}=3q2-7w; {PEER_CSRF_COOKIE}={PEER_CSRF_TOKEN}".encode()
+
+BROWSER_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"host", b"api.example.com"),
+    (b"connection", b"keep-alive"),
+    (
+        b"user-agent",
+        b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+    ),
+    (b"accept", b"application/json, text/plain, */*"),
+    (b"accept-encoding", b"gzip, deflate, br, zstd"),
+    (b"accept-language", b"en-GB,en;q=0.9"),
+)
+CROSS_ORIGIN_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"origin", APP_ORIGIN.encode()),
+    (b"referer", APP_ORIGIN.encode() + b"/"),
+    (b"sec-fetch-site", b"same-site"),
+    (b"sec-fetch-mode", b"cors"),
+    (b"sec-fetch-dest", b"empty"),
+)
+BODY = b'{"name":"sprocket","price":3.25}'
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    method: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes = b""
+    #: expected status per stack, checked once before timing
+    expected: dict[str, int] = field(default_factory=dict)
+
+    def template(self) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "server": ("127.0.0.1", 8000),
+            "client": ("127.0.0.1", 51234),
+            "scheme": "https",
+            "method": self.method,
+            "root_path": "",
+            "path": "/items",
+            "raw_path": b"/items",
+            "query_string": b"",
+            "headers": list(self.headers),
+        }
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario(
+        "get",
+        "GET /items, no Origin, no cookie (API client or same-origin fetch)",
+        "GET",
+        BROWSER_HEADERS,
+        expected={"bare": 200, "thallus": 200, "peer": 200},
+    ),
+    Scenario(
+        "get_cors",
+        "GET /items from the allowed Origin, credentialed (cookies), CORS-decorated",
+        "GET",
+        (*BROWSER_HEADERS, *CROSS_ORIGIN_HEADERS, (b"cookie", COOKIES)),
+        expected={"bare": 200, "thallus": 200, "peer": 200},
+    ),
+    Scenario(
+        "preflight",
+        "OPTIONS /items preflight for POST + content-type from the allowed Origin",
+        "OPTIONS",
+        (
+            *BROWSER_HEADERS[:3],
+            (b"accept", b"*/*"),
+            *BROWSER_HEADERS[4:],
+            (b"origin", APP_ORIGIN.encode()),
+            (b"access-control-request-method", b"POST"),
+            (b"access-control-request-headers", b"content-type"),
+            (b"sec-fetch-site", b"same-site"),
+            (b"sec-fetch-mode", b"cors"),
+            (b"sec-fetch-dest", b"empty"),
+        ),
+        # bare Starlette has no CORS: its router answers 405; Starlette's CORS answers 200
+        expected={"bare": 405, "thallus": 204, "peer": 200},
+    ),
+    Scenario(
+        "post_csrf",
+        "POST /items JSON, session cookie, trusted Origin: CSRF checked and passing",
+        "POST",
+        (
+            *BROWSER_HEADERS,
+            *CROSS_ORIGIN_HEADERS,
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(BODY)).encode()),
+            (b"cookie", COOKIES),
+            (PEER_CSRF_HEADER.encode(), PEER_CSRF_TOKEN.encode()),
+        ),
+        body=BODY,
+        expected={"bare": 201, "thallus": 201, "peer": 201},
+    ),
+)
+SCENARIO_NAMES = tuple(scenario.name for scenario in SCENARIOS)
+
+
+# -- the harness -------------------------------------------------------------------------------
+
+
+class ReplayedRequest:
+    """One scenario's request, replayable: a fresh scope per call and a constant receive/send.
+
+    The same object drives every stack, so the harness's own work is identical for all of them.
+    """
+
+    def __init__(self, scenario: Scenario) -> None:
+        self._template = scenario.template()
+        self._headers: list[tuple[bytes, bytes]] = list(scenario.headers)
+        self._body = scenario.body
+
+    def scope(self) -> Scope:
+        scope = self._template.copy()
+        scope["headers"] = self._headers.copy()  # layers may rewrite the list in place
+        scope["state"] = {}  # as uvicorn gives every request a copy of the lifespan state
+        return scope
+
+    async def receive(self) -> Message:
+        return {"type": "http.request", "body": self._body, "more_body": False}
+
+    @staticmethod
+    async def send(message: Message) -> None:
+        return None
+
+
+async def _null_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """The floor: an ASGI app that answers without looking at anything."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def _timed_run(app: ASGIApp, request: ReplayedRequest, seconds: float) -> tuple[int, int]:
+    """Call ``app`` in batches until ``seconds`` have passed; return (requests, nanoseconds)."""
+    receive, send, make_scope = request.receive, request.send, request.scope
+    clock = time.perf_counter_ns
+    count = 0
+    start = clock()
+    deadline = start + int(seconds * 1e9)
+    while True:
+        for _ in range(BATCH):
+            await app(make_scope(), receive, send)
+        count += BATCH
+        now = clock()
+        if now >= deadline:
+            return count, now - start
+
+
+@dataclass
+class Cell:
+    """One stack × scenario: nanoseconds per request of each repetition."""
+
+    runs_ns: list[float] = field(default_factory=list)
+    requests: int = 0
+
+    @property
+    def median_us(self) -> float:
+        return statistics.median(self.runs_ns) / 1000
+
+    @property
+    def spread(self) -> float:
+        """(max − min) / median of the repetitions."""
+        return (max(self.runs_ns) - min(self.runs_ns)) / statistics.median(self.runs_ns)
+
+
+async def _check(stacks: dict[str, ASGIApp], scenarios: Sequence[Scenario]) -> None:
+    """Send each request once and check every stack answers as configured; a misconfigured peer
+    (a CSRF 403, a CORS 400) would otherwise be timed as a fast refusal."""
+    problems: list[str] = []
+    for scenario in scenarios:
+        request = ReplayedRequest(scenario)
+        for stack_name, app in stacks.items():
+            messages: list[Message] = []
+
+            async def collect(message: Message, messages: list[Message] = messages) -> None:
+                messages.append(message)
+
+            await app(request.scope(), request.receive, collect)
+            start = messages[0] if messages else {}
+            status = start.get("status")
+            headers = {name.lower() for name, _ in start.get("headers", ())}
+            expected = scenario.expected[stack_name]
+            if status != expected:
+                problems.append(f"{stack_name}/{scenario.name}: status {status}, expected {expected}")
+            if stack_name == "bare":
+                continue
+            wanted = {b"x-correlation-id", b"content-security-policy", b"x-frame-options"}
+            if scenario.name in ("get_cors", "preflight", "post_csrf"):
+                wanted.add(b"access-control-allow-origin")
+            if missing := wanted - headers:
+                problems.append(f"{stack_name}/{scenario.name}: missing {sorted(m.decode() for m in missing)}")
+    if problems:
+        raise SystemExit("benchmark requests are not answered as intended:\n  " + "\n  ".join(problems))
+
+
+async def measure(
+    stacks: dict[str, ASGIApp], scenarios: Sequence[Scenario], *, seconds: float, warmup: float, repeat: int
+) -> tuple[dict[str, dict[str, Cell]], Cell]:
+    requests = {scenario.name: ReplayedRequest(scenario) for scenario in scenarios}
+    cells = {scenario.name: {stack: Cell() for stack in stacks} for scenario in scenarios}
+    floor = Cell()
+    for scenario in scenarios:
+        for app in stacks.values():
+            await _timed_run(app, requests[scenario.name], warmup)
+    await _timed_run(_null_app, requests[scenarios[0].name], warmup)
+    order = list(stacks)
+    for repetition in range(repeat):
+        _progress(f"repetition {repetition + 1}/{repeat}")
+        for scenario in scenarios:
+            # rotate the order each repetition so no stack always runs first (or last)
+            for stack_name in order[repetition % len(order) :] + order[: repetition % len(order)]:
+                gc.collect()
+                count, elapsed = await _timed_run(stacks[stack_name], requests[scenario.name], seconds)
+                cell = cells[scenario.name][stack_name]
+                cell.runs_ns.append(elapsed / count)
+                cell.requests += count
+        gc.collect()
+        count, elapsed = await _timed_run(_null_app, requests[scenarios[0].name], seconds / 4)
+        floor.runs_ns.append(elapsed / count)
+        floor.requests += count
+    return cells, floor
+
+
+async def profile(app: ASGIApp, scenario: Scenario, seconds: float, top: int) -> str:
+    request = ReplayedRequest(scenario)
+    await _timed_run(app, request, 0.1)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    count, _ = await _timed_run(app, request, seconds)
+    profiler.disable()
+    out = io.StringIO()
+    out.write(f"--- {scenario.name}: {count} requests under cProfile, top {top} by own time ---\n")
+    pstats.Stats(profiler, stream=out).sort_stats(pstats.SortKey.TIME).print_stats(top)
+    return out.getvalue()
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def environment() -> dict[str, Any]:
+    versions: dict[str, str | None] = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "packages": versions,
+    }
+
+
+def results_document(
+    cells: dict[str, dict[str, Cell]], floor: Cell, scenarios: Sequence[Scenario], options: argparse.Namespace
+) -> dict[str, Any]:
+    rows = []
+    for scenario in scenarios:
+        row: dict[str, Any] = {"scenario": scenario.name, "description": scenario.description}
+        for stack, cell in cells[scenario.name].items():
+            row[stack] = {
+                "median_us": round(cell.median_us, 3),
+                "runs_us": [round(ns / 1000, 3) for ns in cell.runs_ns],
+                "spread": round(cell.spread, 4),
+                "requests": cell.requests,
+                "status": scenario.expected[stack],
+            }
+        bare, ours, peer = (cells[scenario.name][s].median_us for s in STACKS)
+        row["thallus_over_bare"] = round(ours / bare, 3)
+        row["thallus_over_peer"] = round(ours / peer, 3)
+        row["thallus_added_us"] = round(ours - bare, 3)
+        row["peer_added_us"] = round(peer - bare, 3)
+        rows.append(row)
+    return {
+        "benchmark": "thallus bench_core",
+        "environment": environment(),
+        "options": {
+            "seconds": options.seconds,
+            "warmup": options.warmup,
+            "repeat": options.repeat,
+            "batch": BATCH,
+            "access_log": options.access_log,
+        },
+        "harness_floor_us": round(floor.median_us, 3),
+        "results": rows,
+    }
+
+
+def render_table(document: dict[str, Any]) -> str:
+    env = document["environment"]
+    options = document["options"]
+    packages = ", ".join(f"{name} {version or '(not installed)'}" for name, version in env["packages"].items())
+    lines = [
+        f"Python {env['python']} ({env['implementation']}) on {env['platform']}, {env['cpus']} CPUs",
+        f"packages: {packages}",
+        f"{options['repeat']} repetitions x {options['seconds']} s per stack and scenario "
+        f"(warm-up {options['warmup']} s); median µs per request; in-process ASGI calls, one event loop; "
+        f"thallus access log {'ON' if options['access_log'] else 'off (logger below INFO)'}",
+        f"harness floor (null ASGI app, same scope/receive/send): {document['harness_floor_us']:.2f} µs",
+        "",
+    ]
+    header = (
+        "scenario",
+        "bare µs",
+        "thallus µs",
+        "peer µs",
+        "thallus/bare",
+        "thallus/peer",
+        "+thallus µs",
+        "+peer µs",
+        "spread",
+    )
+    table: list[tuple[str, ...]] = [header]
+    for row in document["results"]:
+        spread = max(row[stack]["spread"] for stack in STACKS)
+        table.append(
+            (
+                row["scenario"],
+                f"{row['bare']['median_us']:.2f}",
+                f"{row['thallus']['median_us']:.2f}",
+                f"{row['peer']['median_us']:.2f}",
+                f"{row['thallus_over_bare']:.2f}x",
+                f"{row['thallus_over_peer']:.2f}x",
+                f"{row['thallus_added_us']:+.2f}",
+                f"{row['peer_added_us']:+.2f}",
+                f"{spread:.1%}",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for index, row in enumerate(table):
+        cells = [row[0].ljust(widths[0])] + [
+            value.rjust(width) for value, width in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells))
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    lines += [
+        "",
+        "+thallus / +peer: µs added over bare by each stack's layers. spread: largest (max-min)/median of the",
+        "repetitions among the three stacks.",
+        "Preflight statuses: bare 405 (no CORS; the router refuses OPTIONS), thallus 204, peer 200.",
+        "",
+    ]
+    lines += [f"{row['scenario']:<10} {row['description']}" for row in document["results"]]
+    return "\n".join(lines)
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=1.0, help="length of each timed run (default 1.0)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per stack and scenario (default 5)")
+    parser.add_argument("--warmup", type=float, default=0.3, help="warm-up per stack and scenario (default 0.3)")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIO_NAMES), help=f"comma-separated subset of {', '.join(SCENARIO_NAMES)}"
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="let thallus build its access-log record per request (INFO, to a NullHandler); off by default, "
+        "as the peer stack writes none",
+    )
+    parser.add_argument(
+        "--profile", choices=STACKS, help="instead of timing, run each scenario of this stack under cProfile"
+    )
+    parser.add_argument("--top", type=int, default=25, help="functions listed per profile (default 25)")
+    options = parser.parse_args(argv)
+    unknown = set(options.scenarios.split(",")) - set(SCENARIO_NAMES)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if options.seconds <= 0 or options.warmup < 0 or options.repeat < 1:
+        parser.error("--seconds must be > 0, --warmup >= 0 and --repeat >= 1")
+    return options
+
+
+def configure_logging(access_log: bool) -> None:
+    access = logging.getLogger("thallus.access")
+    access.propagate = False
+    if access_log:
+        access.setLevel(logging.INFO)
+        access.addHandler(logging.NullHandler())
+    else:
+        access.setLevel(logging.WARNING)
+
+
+def isolate_environment(names: Iterable[str]) -> None:
+    """Drop THALLUS_* variables so the settings are exactly the benchmark's on every machine."""
+    for name in list(names):
+        if name.startswith("THALLUS_"):
+            del os.environ[name]
+
+
+async def run(options: argparse.Namespace) -> None:
+    selected = set(options.scenarios.split(","))
+    scenarios = [scenario for scenario in SCENARIOS if scenario.name in selected]
+    stacks = {name: BUILDERS[name]() for name in STACKS}
+    await _check(stacks, scenarios)
+    if options.profile:
+        for scenario in scenarios:
+            print(await profile(stacks[options.profile], scenario, options.seconds, options.top))
+        return
+    total = len(scenarios) * len(stacks) * (options.warmup + options.repeat * options.seconds)
+    _progress(f"measuring {len(stacks)} stacks x {len(scenarios)} scenarios, about {total:.0f} s")
+    cells, floor = await measure(
+        stacks, scenarios, seconds=options.seconds, warmup=options.warmup, repeat=options.repeat
+    )
+    document = results_document(cells, floor, scenarios, options)
+    print(json.dumps(document, indent=2) if options.json else render_table(document))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    options = parse_args(argv)
+    isolate_environment(os.environ)
+    configure_logging(options.access_log)
+    asyncio.run(run(options))
+
+
+if __name__ == "__main__":
+    main()

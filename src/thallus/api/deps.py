@@ -1,0 +1,88 @@
+"""FastAPI dependencies shared by the routers: the identity service, the principal, input rules."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from thallus.audit import AuditEvent, request_fields
+from thallus.csrf import login_csrf_verdict
+from thallus.errors import AuthenticationError, CSRFError, PermissionDeniedError, ThallusError
+from thallus.identity.principal import Principal, principal_of
+from thallus.identity.service import ClientInfo, Identity
+
+WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="thallus"'}
+
+
+def identity(request: Request) -> Identity:
+    service: Identity = request.app.state.identity
+    return service
+
+
+def client_info(request: Request) -> ClientInfo:
+    return ClientInfo(
+        ip_address=request.client.host if request.client else None,
+        user_agent=(request.headers.get("user-agent") or "")[:512] or None,
+    )
+
+
+def current_principal(request: Request) -> Principal:
+    principal = principal_of(request.scope)
+    if principal is None:
+        raise AuthenticationError(
+            "Authentication is required.", headers=[(b"www-authenticate", b'Bearer realm="thallus"')]
+        )
+    return principal
+
+
+def admin_principal(
+    request: Request,
+    principal: Annotated[Principal, Depends(current_principal)],
+    service: Annotated[Identity, Depends(identity)],
+) -> Principal:
+    if not principal.is_admin:
+        service.audit.record(
+            AuditEvent(
+                action="permission_denied",
+                outcome="denied",
+                user_id=principal.user_id,
+                details={"needs": "admin", "auth_method": principal.auth_method},
+                **request_fields(request.scope),
+            )
+        )
+        raise PermissionDeniedError("This needs the admin role.")
+    return principal
+
+
+def require_json(request: Request) -> None:
+    """Bodies are JSON only: a cross-site HTML form cannot send JSON without a CORS preflight."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ThallusError("The request body must be JSON (Content-Type: application/json).", status_code=415)
+
+
+def login_origin_check(request: Request, service: Annotated[Identity, Depends(identity)]) -> None:
+    """Login CSRF (SYSTEM.md §5): cross-origin evidence must name a trusted origin."""
+    headers = request.headers
+    verdict = login_csrf_verdict(
+        sec_fetch_site=headers.get("sec-fetch-site"),
+        origin=headers.get("origin"),
+        referer=headers.get("referer"),
+        trusted_origins=frozenset(service.settings.trusted_origins),
+    )
+    if verdict.allowed:
+        return
+    origin = headers.get("origin")
+    details = {"reason": verdict.reason, "origin": origin[:200] if origin else None}
+    service.audit.record(
+        AuditEvent(action="csrf_rejected", outcome="denied", details=details, **request_fields(request.scope))
+    )
+    raise CSRFError("Cross-site request refused: " + verdict.reason + ".", details=details)
+
+
+IdentityDep = Annotated[Identity, Depends(identity)]
+ClientDep = Annotated[ClientInfo, Depends(client_info)]
+PrincipalDep = Annotated[Principal, Depends(current_principal)]
+AdminDep = Annotated[Principal, Depends(admin_principal)]
+JSON_ONLY = [Depends(require_json)]

@@ -1,0 +1,17 @@
+"""``/api/v1/users``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from thallus.api.deps import IdentityDep, PrincipalDep
+from thallus.identity.service import user_document
+
+router = APIRouter(prefix="/api/v1/users", tags=["users"])
+
+
+@router.get("/me", summary="The signed-in user (session or API key)")
+async def me(principal: PrincipalDep, service: IdentityDep) -> dict[str, Any]:
+    return user_document(await service.get_user(principal.user_id))

@@ -1,0 +1,103 @@
+"""API keys: ``thal_`` + 32 random bytes (URL-safe base64), stored only as a keyed hash.
+
+The preview ``thal_XXXX...YYYY`` identifies a key in lists without revealing it. Verification
+results are cached for at most ``api_key_cache_seconds`` (≤ 5 s): a revoked key stops working at
+once on the instance that revoked it (its cache entry is dropped) and within that bound on every
+other instance; expiry is checked on every request against the cached expiry time. The last-used
+time is buffered in memory and written in batches, never once per request.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+
+PREFIX = "thal_"
+PURPOSE = "api-key"
+_SHAPE = re.compile(r"thal_[A-Za-z0-9_-]{43}")
+CACHE_CAPACITY = 10_000
+
+
+def generate_api_key() -> str:
+    return PREFIX + secrets.token_urlsafe(32)
+
+
+def is_well_formed(raw: str) -> bool:
+    return _SHAPE.fullmatch(raw) is not None
+
+
+def mask(raw: str) -> str:
+    """``thal_XXXX...YYYY``: the first and last four characters of the random part."""
+    return f"{PREFIX}{raw[len(PREFIX) : len(PREFIX) + 4]}...{raw[-4:]}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """What a verification needs to know about a key and its user."""
+
+    key_id: str
+    user_id: str
+    email: str
+    name: str
+    role: str
+    expires_at: datetime | None
+    usable: bool  # not revoked, user active
+
+
+class KeyCache:
+    """A small LRU of verification results (including "no such key") with a time-to-live."""
+
+    def __init__(self, ttl_seconds: float, capacity: int = CACHE_CAPACITY) -> None:
+        self.ttl = ttl_seconds
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+
+    def get(self, key_hash: str) -> tuple[bool, KeyRecord | None]:
+        """``(hit, record)``; a hit with ``None`` means the key is known not to exist."""
+        entry = self._entries.get(key_hash)
+        if entry is None or time.monotonic() - entry[0] >= self.ttl:
+            return False, None
+        self._entries.move_to_end(key_hash)
+        return True, entry[1]
+
+    def put(self, key_hash: str, record: KeyRecord | None) -> None:
+        if self.ttl <= 0:
+            return
+        self._entries[key_hash] = (time.monotonic(), record)
+        self._entries.move_to_end(key_hash)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def forget_key(self, key_id: str) -> None:
+        for key_hash in [h for h, (_, record) in self._entries.items() if record and record.key_id == key_id]:
+            del self._entries[key_hash]
+
+    def forget_user(self, user_id: str) -> None:
+        for key_hash in [h for h, (_, record) in self._entries.items() if record and record.user_id == user_id]:
+            del self._entries[key_hash]
+
+
+class LastUsedBuffer:
+    """Newest use per key, written to the database in one batch every flush."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, datetime] = {}
+
+    def touch(self, key_id: str, when: datetime) -> None:
+        self._pending[key_id] = when
+
+    def get(self, key_id: str) -> datetime | None:
+        return self._pending.get(key_id)
+
+    def drain(self) -> dict[str, datetime]:
+        pending, self._pending = self._pending, {}
+        return pending
+
+    def restore(self, pending: dict[str, datetime]) -> None:
+        for key_id, when in pending.items():
+            if key_id not in self._pending or self._pending[key_id] < when:
+                self._pending[key_id] = when

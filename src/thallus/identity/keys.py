@@ -1,0 +1,77 @@
+"""Keys derived from the server secret, one per purpose, with rotation.
+
+``THALLUS_SECRET_KEY`` is never used directly: each purpose (signing access tokens, hashing API
+keys, hashing refresh tokens) gets its own key, HMAC-SHA256(secret, purpose), so one leak does not
+hand over the others. During a rotation, ``THALLUS_PREVIOUS_SECRET_KEYS`` keep verifying what the
+old secret made; only the current secret signs or hashes anything new.
+
+In development without a configured secret, one is generated once and kept in
+``THALLUS_DATA_DIR/secret_key`` (mode 0600), so tokens and API keys survive restarts and the CLI
+and the server agree. Test and production refuse to start without a secret (settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+
+from thallus.settings import Settings
+
+SECRET_FILE = "secret_key"  # noqa: S105 - a file name
+
+
+def server_secret(settings: Settings) -> bytes:
+    if settings.secret_key is not None and settings.secret_key.get_secret_value():
+        return settings.secret_key.get_secret_value().encode()
+    if settings.env != "development":  # settings validation refuses this already
+        raise RuntimeError("THALLUS_SECRET_KEY is required outside development")
+    path = settings.data_dir / SECRET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secrets.token_urlsafe(48))
+    return path.read_bytes().strip()
+
+
+def _derive(secret: bytes, purpose: str) -> bytes:
+    return hmac.new(secret, b"thallus/" + purpose.encode(), hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The current secret first, then earlier ones still accepted."""
+
+    secrets: tuple[bytes, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyRing:
+        previous = tuple(s.get_secret_value().encode() for s in settings.previous_secret_keys if s.get_secret_value())
+        return cls((server_secret(settings), *previous))
+
+    def signing_key(self) -> tuple[str, bytes]:
+        """``(kid, key)`` that signs new access tokens."""
+        key = _derive(self.secrets[0], "access-token")
+        return _kid(key), key
+
+    def verification_keys(self) -> dict[str, bytes]:
+        """Every key that may have signed a live access token, by ``kid``."""
+        keys = (_derive(secret, "access-token") for secret in self.secrets)
+        return {_kid(key): key for key in keys}
+
+    def hash(self, purpose: str, value: str) -> str:
+        """The keyed hash under the current secret (what new records store)."""
+        return hmac.new(_derive(self.secrets[0], purpose), value.encode(), hashlib.sha256).hexdigest()
+
+    def hashes(self, purpose: str, value: str) -> list[str]:
+        """The keyed hash under every secret (what a lookup must try during rotation)."""
+        return [hmac.new(_derive(s, purpose), value.encode(), hashlib.sha256).hexdigest() for s in self.secrets]
+
+
+def _kid(key: bytes) -> str:
+    return hashlib.sha256(key).hexdigest()[:16]

@@ -1,0 +1,534 @@
+"""The identity service: users, sessions, refresh-token rotation, API keys (SYSTEM.md §9).
+
+Everything that touches identity state goes through :class:`Identity`, shared by the API routers,
+the authentication layer and the CLI, so every path applies the same rules and writes the same
+audit events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from thallus.audit import AuditEvent, AuditSink, LogAuditSink
+from thallus.correlation import uuid7
+from thallus.errors import (
+    AuthenticationError,
+    ConflictError,
+    NotFoundError,
+    PermissionDeniedError,
+    ValidationError,
+)
+from thallus.identity import api_keys
+from thallus.identity.keys import KeyRing
+from thallus.identity.passwords import POLICY, PasswordHasher, password_problems
+from thallus.identity.principal import Principal
+from thallus.identity.tokens import REFRESH_PURPOSE, AccessTokens, InvalidTokenError, new_refresh_token
+from thallus.settings import Settings
+from thallus.storage import Database
+from thallus.storage.models import ApiKey, RefreshToken, Session, User, utcnow
+
+logger = logging.getLogger("thallus.identity")
+
+LOGIN_FAILED_MESSAGE = "The e-mail address or password is incorrect."
+ROLES = ("user", "admin")
+LAST_USED_FLUSH_SECONDS = 60.0
+
+
+def normalize_email(email: str, *, loc: Sequence[str | int] = ("body", "email")) -> str:
+    """The e-mail address in its stored form (syntax-checked, lower-cased), or a 422."""
+    try:
+        normalized = validate_email(email, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise ValidationError(
+            "The request is invalid.",
+            details=[{"type": "value_error", "loc": list(loc), "msg": str(exc), "input": email[:320]}],
+        ) from None
+    return normalized.lower()
+
+
+def check_password(password: str, *, loc: Sequence[str | int] = ("body", "password")) -> None:
+    problems = password_problems(password)
+    if problems:
+        raise ValidationError(
+            f"The password must be {POLICY}.",
+            details=[
+                {"type": "password_policy", "loc": list(loc), "msg": problem, "input": "[redacted]"}
+                for problem in problems
+            ],
+        )
+
+
+def user_document(user: User) -> dict[str, Any]:
+    return {
+        "id": user.id,
+        "email": user.email,
+        "name": user.name,
+        "role": user.role,
+        "features": user.features,
+        "created_at": user.created_at.isoformat(),
+    }
+
+
+def key_document(key: ApiKey, last_used_at: datetime | None = None) -> dict[str, Any]:
+    last_used = max(filter(None, (key.last_used_at, last_used_at)), default=None)
+    return {
+        "id": key.id,
+        "name": key.name,
+        "preview": key.preview,
+        "created_at": key.created_at.isoformat(),
+        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+        "last_used_at": last_used.isoformat() if last_used else None,
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """A signed-in session: the access token for the client, the refresh token for the cookie."""
+
+    user: User
+    session_id: str
+    access_token: str
+    refresh_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    ip_address: str | None = None
+    user_agent: str | None = None
+
+
+class Identity:
+    """Identity operations over one database; create with :meth:`from_settings`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        keys: KeyRing,
+        hasher: PasswordHasher,
+        audit: AuditSink,
+    ) -> None:
+        self.settings = settings
+        self.database = database
+        self.keys = keys
+        self.hasher = hasher
+        self.audit = audit
+        self.tokens = AccessTokens(keys)
+        self.key_cache = api_keys.KeyCache(settings.api_key_cache_seconds)
+        self.last_used = api_keys.LastUsedBuffer()
+        self._flusher: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, audit: AuditSink | None = None) -> Identity:
+        hasher = PasswordHasher(
+            time_cost=settings.argon2_time_cost,
+            memory_cost=settings.argon2_memory_cost,
+            parallelism=settings.argon2_parallelism,
+        )
+        return cls(
+            settings,
+            Database(settings.effective_database_url),
+            KeyRing.from_settings(settings),
+            hasher,
+            audit or LogAuditSink(),
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Migrate the schema and start the background flush of API-key last-used times."""
+        await self.database.migrate()
+        self._flusher = asyncio.create_task(self._flush_periodically())
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        with contextlib.suppress(Exception):
+            await self.flush_last_used()
+        await self.database.dispose()
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(LAST_USED_FLUSH_SECONDS)
+            try:
+                await self.flush_last_used()
+            except Exception:
+                logger.exception("could not write API-key last-used times; will retry")
+
+    async def flush_last_used(self) -> None:
+        pending = self.last_used.drain()
+        if not pending:
+            return
+        try:
+            async with self.database.session() as db:
+                for key_id, when in pending.items():
+                    await db.execute(
+                        update(ApiKey)
+                        .where(ApiKey.id == key_id)
+                        .where((ApiKey.last_used_at.is_(None)) | (ApiKey.last_used_at < when))
+                        .values(last_used_at=when)
+                    )
+                await db.commit()
+        except Exception:
+            self.last_used.restore(pending)
+            raise
+
+    # -- users ------------------------------------------------------------------------------------
+
+    async def create_user(
+        self, email: str, password: str, name: str = "", *, role: str = "user", api_access: bool = False
+    ) -> User:
+        email = normalize_email(email)
+        check_password(password)
+        if role not in ROLES:
+            raise ValidationError(f"The role must be one of {', '.join(ROLES)}.")
+        user = User(email=email, name=name.strip()[:200], role=role, api_access=api_access)
+        user.password_hash = await self.hasher.hash(password)
+        async with self.database.session() as db:
+            db.add(user)
+            try:
+                await db.commit()
+            except IntegrityError:
+                raise ConflictError("A user with this e-mail address already exists.") from None
+        return user
+
+    async def list_users(self) -> list[User]:
+        async with self.database.session() as db:
+            return list((await db.scalars(select(User).order_by(User.created_at, User.id))).all())
+
+    async def get_user(self, user_id: str) -> User:
+        async with self.database.session() as db:
+            user = await db.get(User, user_id)
+        if user is None:
+            raise NotFoundError("No such user.")
+        return user
+
+    async def user_by_email(self, email: str) -> User | None:
+        async with self.database.session() as db:
+            return await db.scalar(select(User).where(User.email == email.strip().lower()))
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    async def login(self, email: str, password: str, client: ClientInfo) -> Login:
+        """Check the password and open a session. Unknown e-mail and wrong password fail alike."""
+        user = await self.user_by_email(email)
+        if user is None or not user.is_active:
+            await self.hasher.burn(password)
+            self._audit("login_failed", "failure", None, client, details={"email": email.strip().lower()[:320]})
+            raise AuthenticationError(LOGIN_FAILED_MESSAGE)
+        if not await self.hasher.verify(user.password_hash, password):
+            self._audit("login_failed", "failure", user.id, client, details={"email": user.email})
+            raise AuthenticationError(LOGIN_FAILED_MESSAGE)
+        async with self.database.session() as db:
+            if self.hasher.needs_rehash(user.password_hash):
+                user.password_hash = await self.hasher.hash(password)
+                await db.execute(update(User).where(User.id == user.id).values(password_hash=user.password_hash))
+            session, refresh = await self._new_session(db, user, client)
+            await db.commit()
+        self._audit("login", "success", user.id, client, resource=("session", session.id))
+        return Login(user, session.id, self.tokens.issue(user.id, session.id), refresh)
+
+    async def _new_session(self, db: AsyncSession, user: User, client: ClientInfo) -> tuple[Session, str]:
+        now = utcnow()
+        session = Session(
+            id=uuid7(),
+            user_id=user.id,
+            created_at=now,
+            last_used_at=now,
+            expires_at=now + timedelta(seconds=self.settings.refresh_token_ttl),
+            user_agent=client.user_agent,
+            ip_address=client.ip_address,
+        )
+        db.add(session)
+        await db.flush()  # the token row references it
+        refresh = new_refresh_token()
+        db.add(RefreshToken(session_id=session.id, token_hash=self.keys.hash(REFRESH_PURPOSE, refresh), created_at=now))
+        return session, refresh
+
+    async def refresh(self, raw_refresh: str, client: ClientInfo) -> Login:
+        """Rotate a refresh token. A token presented twice revokes its whole family (theft)."""
+        now = utcnow()
+        async with self.database.session() as db:
+            token = await db.scalar(
+                select(RefreshToken).where(RefreshToken.token_hash.in_(self.keys.hashes(REFRESH_PURPOSE, raw_refresh)))
+            )
+            if token is None:
+                raise AuthenticationError("The refresh token is invalid.")
+            session = await db.get(Session, token.session_id)
+            assert session is not None
+            if session.revoked_at is not None:
+                raise AuthenticationError("The session has ended; sign in again.")
+            if token.rotated_at is not None:
+                await self._revoke_for_reuse(db, session, client)
+            if session.expires_at <= now:
+                await self._revoke(db, session, "expired")
+                raise AuthenticationError("The session has expired; sign in again.")
+            idle = (now - session.last_used_at).total_seconds()
+            if idle > self.settings.session_inactivity_timeout:
+                await self._revoke(db, session, "inactivity")
+                raise AuthenticationError("The session ended after a period of inactivity; sign in again.")
+            claimed = await db.execute(
+                update(RefreshToken)
+                .where(RefreshToken.id == token.id, RefreshToken.rotated_at.is_(None))
+                .values(rotated_at=now)
+            )
+            if getattr(claimed, "rowcount", 0) != 1:  # a concurrent request used it first
+                await self._revoke_for_reuse(db, session, client)
+            user = await db.get(User, session.user_id)
+            assert user is not None
+            if not user.is_active:
+                await self._revoke(db, session, "user_inactive")
+                raise AuthenticationError("The session has ended; sign in again.")
+            refresh = new_refresh_token()
+            db.add(
+                RefreshToken(session_id=session.id, token_hash=self.keys.hash(REFRESH_PURPOSE, refresh), created_at=now)
+            )
+            session.last_used_at = now
+            await db.commit()
+        return Login(user, session.id, self.tokens.issue(user.id, session.id), refresh)
+
+    async def _revoke_for_reuse(self, db: AsyncSession, session: Session, client: ClientInfo) -> None:
+        await self._revoke(db, session, "token_reuse")
+        self._audit(
+            "token_reuse_detected",
+            "denied",
+            session.user_id,
+            client,
+            resource=("session", session.id),
+            details={"session_id": session.id},
+        )
+        logger.warning("refresh token reuse detected; session %s revoked", session.id)
+        raise AuthenticationError("The refresh token was already used; the session has been revoked.")
+
+    @staticmethod
+    async def _revoke(db: AsyncSession, session: Session, reason: str) -> None:
+        session.revoked_at = utcnow()
+        session.revoked_reason = reason
+        await db.commit()
+
+    async def logout(self, *, raw_refresh: str | None, session_id: str | None, client: ClientInfo) -> None:
+        """End the session named by the refresh cookie or the access token (idempotent)."""
+        async with self.database.session() as db:
+            session = None
+            if raw_refresh:
+                token = await db.scalar(
+                    select(RefreshToken).where(
+                        RefreshToken.token_hash.in_(self.keys.hashes(REFRESH_PURPOSE, raw_refresh))
+                    )
+                )
+                session = await db.get(Session, token.session_id) if token else None
+            if session is None and session_id:
+                session = await db.get(Session, session_id)
+            if session is None or session.revoked_at is not None:
+                return
+            await self._revoke(db, session, "logout")
+        self._audit("logout", "success", session.user_id, client, resource=("session", session.id))
+
+    async def change_password(self, principal: Principal, current: str, new: str, client: ClientInfo) -> None:
+        """Replace the password, end every session of the user (their access tokens fail at once)."""
+        if principal.auth_method != "session":
+            raise PermissionDeniedError("Changing the password needs a signed-in session, not an API key.")
+        check_password(new, loc=("body", "new_password"))
+        user = await self.get_user(principal.user_id)
+        if not await self.hasher.verify(user.password_hash, current):
+            self._audit("password_change", "failure", user.id, client, error="wrong current password")
+            raise PermissionDeniedError("The current password is incorrect.")
+        new_hash = await self.hasher.hash(new)
+        now = utcnow()
+        async with self.database.session() as db:
+            await db.execute(
+                update(User).where(User.id == user.id).values(password_hash=new_hash, password_changed_at=now)
+            )
+            await db.execute(
+                update(Session)
+                .where(Session.user_id == user.id, Session.revoked_at.is_(None))
+                .values(revoked_at=now, revoked_reason="password_change")
+            )
+            await db.commit()
+        self._audit("password_change", "success", user.id, client)
+
+    async def principal_from_access_token(self, token: str) -> Principal:
+        """The principal of a Bearer token; its session must still be open (checked every time)."""
+        try:
+            claims = self.tokens.decode(token)
+        except InvalidTokenError as exc:
+            raise AuthenticationError(str(exc)[0].upper() + str(exc)[1:] + ".") from None
+        async with self.database.session() as db:
+            row = (
+                await db.execute(
+                    select(Session.revoked_at, Session.expires_at, User.email, User.name, User.role, User.is_active)
+                    .join(User, User.id == Session.user_id)
+                    .where(Session.id == claims.session_id, User.id == claims.user_id)
+                )
+            ).first()
+        if row is None or row.revoked_at is not None or row.expires_at <= utcnow() or not row.is_active:
+            raise AuthenticationError("The session has ended; sign in again.")
+        return Principal(claims.user_id, row.email, row.name, row.role, "session", session_id=claims.session_id)
+
+    # -- API keys ---------------------------------------------------------------------------------
+
+    async def create_api_key(
+        self,
+        principal: Principal,
+        name: str,
+        expires_at: datetime | None,
+        client: ClientInfo,
+        *,
+        require_feature: bool = True,
+    ) -> tuple[ApiKey, str]:
+        """A new key for the principal's user; the raw key is returned here and never again.
+
+        ``require_feature=False`` is for the operator's CLI, which may issue keys to any user.
+        """
+        user = await self.get_user(principal.user_id)
+        if require_feature and not user.api_access:
+            self._audit("permission_denied", "denied", user.id, client, details={"needs": "api_access"})
+            raise PermissionDeniedError("Creating API keys needs the api_access feature.")
+        if expires_at is not None and expires_at <= utcnow():
+            raise ValidationError(
+                "The request is invalid.",
+                details=[
+                    {
+                        "type": "value_error",
+                        "loc": ["body", "expires_at"],
+                        "msg": "must be in the future",
+                        "input": expires_at.isoformat(),
+                    }
+                ],
+            )
+        raw = api_keys.generate_api_key()
+        key = ApiKey(
+            user_id=user.id,
+            name=name,
+            key_hash=self.keys.hash(api_keys.PURPOSE, raw),
+            preview=api_keys.mask(raw),
+            expires_at=expires_at,
+        )
+        async with self.database.session() as db:
+            db.add(key)
+            await db.commit()
+        self._audit(
+            "api_key_create",
+            "success",
+            user.id,
+            client,
+            resource=("api_key", key.id),
+            details={"name": name, "preview": key.preview, **self._via(principal)},
+        )
+        return key, raw
+
+    async def list_api_keys(self, user_id: str) -> list[dict[str, Any]]:
+        async with self.database.session() as db:
+            keys = (
+                await db.scalars(select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.created_at.desc()))
+            ).all()
+        return [key_document(key, self.last_used.get(key.id)) for key in keys]
+
+    async def revoke_api_key(self, principal: Principal, key_id: str, client: ClientInfo) -> None:
+        async with self.database.session() as db:
+            key = await db.get(ApiKey, key_id)
+            if key is None or key.user_id != principal.user_id:
+                raise NotFoundError("No such API key.")
+            if key.revoked_at is None:
+                key.revoked_at = utcnow()
+                await db.commit()
+        self.key_cache.forget_key(key_id)
+        self._audit(
+            "api_key_revoke",
+            "success",
+            principal.user_id,
+            client,
+            resource=("api_key", key_id),
+            details={"preview": key.preview, **self._via(principal)},
+        )
+
+    async def principal_from_api_key(self, raw: str) -> Principal:
+        """The principal of an ``X-API-Key``; 401 when it is malformed, unknown, revoked or expired."""
+        if not api_keys.is_well_formed(raw):
+            raise AuthenticationError("The API key is invalid.")
+        record = await self._key_record(raw)
+        if record is None or not record.usable:
+            raise AuthenticationError("The API key is invalid or revoked.")
+        now = utcnow()
+        if record.expires_at is not None and record.expires_at <= now:
+            raise AuthenticationError("The API key has expired.")
+        self.last_used.touch(record.key_id, now)
+        return Principal(record.user_id, record.email, record.name, record.role, "api_key", api_key_id=record.key_id)
+
+    async def _key_record(self, raw: str) -> api_keys.KeyRecord | None:
+        hashes = self.keys.hashes(api_keys.PURPOSE, raw)
+        hit, record = self.key_cache.get(hashes[0])
+        if hit:
+            return record
+        async with self.database.session() as db:
+            row = (
+                await db.execute(
+                    select(ApiKey, User).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash.in_(hashes))
+                )
+            ).first()
+        record = None
+        if row is not None:
+            key, user = row
+            record = api_keys.KeyRecord(
+                key.id,
+                user.id,
+                user.email,
+                user.name,
+                user.role,
+                key.expires_at,
+                key.revoked_at is None and user.is_active,
+            )
+        self.key_cache.put(hashes[0], record)
+        return record
+
+    # -- audit ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _via(principal: Principal) -> dict[str, Any]:
+        if principal.auth_method == "api_key":
+            return {"auth_method": "api_key", "api_key_id": principal.api_key_id}
+        return {"auth_method": "session"}
+
+    def _audit(
+        self,
+        action: str,
+        outcome: Any,
+        user_id: str | None,
+        client: ClientInfo,
+        *,
+        resource: tuple[str, str] | None = None,
+        details: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.audit.record(
+            AuditEvent(
+                action=action,
+                outcome=outcome,
+                user_id=user_id,
+                resource_type=resource[0] if resource else None,
+                resource_id=resource[1] if resource else None,
+                details=details,
+                error_message=error,
+                ip_address=client.ip_address,
+                user_agent=client.user_agent,
+            )
+        )
+
+
+def utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime (naive input is taken as UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -1,0 +1,67 @@
+"""Access tokens (JWT, HS256 pinned, 15 minutes) and opaque refresh tokens (SYSTEM.md §9).
+
+An access token carries ``sub`` (user), ``sid`` (session), ``iat``, ``exp`` and ``jti``; its header
+names the signing key (``kid``) so keys can rotate. Verification accepts only HS256 — never
+``none`` and never an algorithm named by the token — and requires every claim.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from thallus.correlation import uuid7
+from thallus.identity.keys import KeyRing
+
+ACCESS_TOKEN_TTL = 900
+ALGORITHM = "HS256"
+REQUIRED_CLAIMS = ("sub", "sid", "iat", "exp", "jti")
+REFRESH_PURPOSE = "refresh-token"
+
+
+class InvalidTokenError(Exception):
+    """The token is malformed, forged, expired or signed by an unknown key."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccessClaims:
+    user_id: str
+    session_id: str
+    issued_at: int
+    expires_at: int
+    token_id: str
+
+
+class AccessTokens:
+    def __init__(self, keys: KeyRing, ttl: int = ACCESS_TOKEN_TTL) -> None:
+        self.kid, self._signing_key = keys.signing_key()
+        self._verification_keys = keys.verification_keys()
+        self.ttl = ttl
+
+    def issue(self, user_id: str, session_id: str) -> str:
+        now = int(time.time())
+        claims = {"sub": user_id, "sid": session_id, "iat": now, "exp": now + self.ttl, "jti": uuid7()}
+        return jwt.encode(claims, self._signing_key, algorithm=ALGORITHM, headers={"kid": self.kid})
+
+    def decode(self, token: str) -> AccessClaims:
+        try:
+            header = jwt.get_unverified_header(token)
+            key = self._verification_keys.get(str(header.get("kid")))
+            if key is None:
+                raise InvalidTokenError("unknown signing key")
+            claims = jwt.decode(token, key, algorithms=[ALGORITHM], options={"require": list(REQUIRED_CLAIMS)})
+        except jwt.ExpiredSignatureError:
+            raise InvalidTokenError("the access token has expired") from None
+        except jwt.PyJWTError:
+            raise InvalidTokenError("the access token is invalid") from None
+        if not all(isinstance(claims[name], str) for name in ("sub", "sid", "jti")):
+            raise InvalidTokenError("the access token is invalid")
+        return AccessClaims(claims["sub"], claims["sid"], int(claims["iat"]), int(claims["exp"]), claims["jti"])
+
+
+def new_refresh_token() -> str:
+    """256 random bits, URL-safe; only its keyed hash is stored."""
+    return secrets.token_urlsafe(32)

@@ -1,0 +1,108 @@
+"""Engines and migrations. SQLite (aiosqlite) by default; PostgreSQL (asyncpg) when configured.
+
+Migrations run on start (``Database.migrate``), serialised on PostgreSQL by an advisory lock so
+several instances starting together do not race. A database that cannot be reached surfaces as
+:class:`DatabaseUnavailableError`, which the API answers with a JSON 503.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+logger = logging.getLogger("thallus.storage")
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK = 0x7468616C  # "thal"
+CONNECT_TIMEOUT_SECONDS = 5
+
+
+class DatabaseUnavailableError(Exception):
+    """The database could not be reached or failed at the connection level."""
+
+
+#: Exceptions that mean "the database is not there", as opposed to a bug in a query.
+UNAVAILABLE = (OperationalError, InterfaceError, ConnectionError, OSError, TimeoutError)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, DatabaseUnavailableError | OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError):
+        return bool(exc.connection_invalidated)
+    return isinstance(exc, ConnectionError | OSError | TimeoutError)
+
+
+class Database:
+    """One engine and its session factory."""
+
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        self.url = parsed
+        self.dialect = parsed.get_backend_name()
+        options: dict[str, Any] = {"pool_pre_ping": True}
+        if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            options["connect_args"] = {"timeout": 30}
+        else:
+            options["connect_args"] = {"timeout": CONNECT_TIMEOUT_SECONDS}
+        self.engine = create_async_engine(parsed, **options)
+        if self.dialect == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session; connection-level failures become :class:`DatabaseUnavailableError`."""
+        try:
+            async with self.sessions() as session:
+                yield session
+        except DatabaseUnavailableError:
+            raise
+        except UNAVAILABLE as exc:
+            if not is_unavailable(exc):
+                raise
+            logger.error("database unavailable: %s", type(exc).__name__)
+            raise DatabaseUnavailableError(str(exc)) from exc
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest revision (idempotent)."""
+        try:
+            async with self.engine.begin() as connection:
+                if self.dialect == "postgresql":
+                    await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+                await connection.run_sync(_upgrade)
+        except UNAVAILABLE as exc:
+            if not is_unavailable(exc):
+                raise
+            raise DatabaseUnavailableError(f"cannot migrate {self.url.render_as_string()}: {exc}") from exc
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _upgrade(connection: Connection) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()

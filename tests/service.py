@@ -1,0 +1,95 @@
+"""The reference service in-process, on a real database, through Starlette's TestClient."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from starlette.testclient import TestClient
+
+from thallus.api import Service, create_app
+from thallus.audit import AuditEvent
+from thallus.identity.service import Identity
+from thallus.settings import Settings
+from thallus.storage.models import User
+
+SECRET = "t" * 48
+SPA = "https://app.example.com"
+PUBLIC = "https://api.example.com"
+PASSWORD = "Correct-Horse-Battery-9!"
+SAME_ORIGIN = {"Sec-Fetch-Site": "same-origin", "Origin": PUBLIC}
+
+
+class RecordingSink:
+    """An audit sink that keeps the events (the persistent store is another issue's work)."""
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    def record(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+    def actions(self) -> list[str]:
+        return [event.action for event in self.events]
+
+
+def settings_for(database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "env": "test",
+        "secret_key": SECRET,
+        "allowed_origins": SPA,
+        "public_origin": PUBLIC,
+        "database_url": database_url,
+        "argon2_time_cost": 1,
+        "argon2_memory_cost": 19456,
+        "argon2_parallelism": 1,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class Api:
+    """A running service and a client for it."""
+
+    def __init__(self, service: Service, client: TestClient, audit: RecordingSink) -> None:
+        self.service = service
+        self.client = client
+        self.audit = audit
+
+    @property
+    def identity(self) -> Identity:
+        return self.service.identity
+
+    def run(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call an async identity function on the service's own event loop."""
+        assert self.client.portal is not None
+        return self.client.portal.call(lambda: function(*args, **kwargs))
+
+    def create_user(self, email: str = "ada@example.com", *, api_access: bool = True, role: str = "user") -> User:
+        user: User = self.run(self.identity.create_user, email, PASSWORD, "Ada", role=role, api_access=api_access)
+        return user
+
+    def login(self, email: str = "ada@example.com", password: str = PASSWORD, **headers: str) -> Any:
+        return self.client.post(
+            "/api/v1/auth/login", json={"email": email, "password": password}, headers={**SAME_ORIGIN, **headers}
+        )
+
+    def bearer(self, email: str = "ada@example.com") -> dict[str, str]:
+        response = self.login(email)
+        assert response.status_code == 200, response.text
+        return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+    def new_key(self, headers: dict[str, str], **body: Any) -> dict[str, Any]:
+        response = self.client.post("/api/v1/api-keys", json={"name": "ci", **body}, headers=headers)
+        assert response.status_code == 201, response.text
+        document: dict[str, Any] = response.json()
+        return document
+
+
+@contextmanager
+def running_api(settings: Settings, base_url: str = PUBLIC) -> Iterator[Api]:
+    audit = RecordingSink()
+    service = create_app(settings, audit=audit)
+    with TestClient(service, base_url=base_url) as client:
+        yield Api(service, client, audit)
