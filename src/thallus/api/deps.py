@@ -21,10 +21,8 @@ def identity(request: Request) -> Identity:
 
 
 def client_info(request: Request) -> ClientInfo:
-    return ClientInfo(
-        ip_address=request.client.host if request.client else None,
-        user_agent=(request.headers.get("user-agent") or "")[:512] or None,
-    )
+    fields = request_fields(request.scope)
+    return ClientInfo(fields["ip_address"], fields["user_agent"], fields["method"], fields["path"])
 
 
 def current_principal(request: Request) -> Principal:

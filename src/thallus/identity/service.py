@@ -105,8 +105,12 @@ class Login:
 
 @dataclass(frozen=True, slots=True)
 class ClientInfo:
+    """The request an operation serves, for its audit record."""
+
     ip_address: str | None = None
     user_agent: str | None = None
+    method: str | None = None
+    path: str | None = None
 
 
 class Identity:
@@ -525,6 +529,8 @@ class Identity:
                 error_message=error,
                 ip_address=client.ip_address,
                 user_agent=client.user_agent,
+                method=client.method,
+                path=client.path,
             )
         )
 
