@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import URL
 
 from tests.databases import BACKENDS, create_postgres_database, drop_postgres_database, empty_postgres_database
+from tests.redis_support import delete_prefix, new_prefix, require_redis
 
 
 @pytest.fixture(autouse=True)
@@ -37,3 +39,25 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     url: URL = request.getfixturevalue("postgres_database")
     yield url.render_as_string(hide_password=False)
     empty_postgres_database(url)
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    url: str
+    prefix: str
+
+
+@pytest.fixture
+def redis_target() -> Iterator[RedisTarget]:
+    """The test Redis with a key prefix of this test's own (keys deleted afterwards)."""
+    url = require_redis()
+    target = RedisTarget(url, new_prefix())
+    yield target
+    delete_prefix(url, target.prefix)
+
+
+@pytest.fixture
+def empty_postgres(postgres_database: URL) -> Iterator[URL]:
+    """This run's PostgreSQL database, emptied after the test."""
+    yield postgres_database
+    empty_postgres_database(postgres_database)

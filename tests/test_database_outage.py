@@ -24,7 +24,8 @@ def assert_unavailable(response: Any) -> None:
     assert response.headers["cache-control"] == "no-store"
 
 
-def test_postgres_outage_and_recovery(postgres_database: URL) -> None:
+def test_postgres_outage_and_recovery(empty_postgres: URL) -> None:
+    postgres_database = empty_postgres
     assert postgres_database.host is not None
     with tcp_proxy(postgres_database.host, postgres_database.port or 5432) as proxy:
         url = postgres_database.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)

@@ -230,6 +230,32 @@ def _users_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _users_unlock(args: argparse.Namespace) -> int:
+    from thallus.api import login_lockout
+    from thallus.identity.service import ClientInfo
+    from thallus.ratelimit import create_storage
+
+    settings = _load_settings()
+    if not settings.redis_url:
+        print(
+            "thallus: lockouts live in the memory of the serving process when THALLUS_REDIS_URL is not set; "
+            "use POST /api/v1/admin/users/{id}/unlock instead",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+
+    async def work(identity: Identity) -> tuple[str, bool]:
+        user = await identity.user_by_email(args.email)
+        if user is None:
+            raise NotFoundError(f"No user with e-mail address {args.email}.")
+        identity.lockout = login_lockout(settings, create_storage(settings.redis_url, settings.redis_key_prefix))
+        return user.id, await identity.unlock(user.id, ClientInfo(user_agent="thallus-cli"), actor="cli")
+
+    user_id, was_locked = _run(_with_identity(settings, work))
+    print(f"{user_id} {args.email} unlocked" + ("" if was_locked else " (it was not locked)"))
+    return 0
+
+
 def _keys_create(args: argparse.Namespace) -> int:
     from thallus.identity.principal import Principal
     from thallus.identity.service import ClientInfo, utc
@@ -281,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(handler=_users_create)
     listing = user_commands.add_parser("list", help="one user a line: id email role features created name")
     listing.set_defaults(handler=_users_list)
+    unlock = user_commands.add_parser("unlock", help="lift a login lockout (needs THALLUS_REDIS_URL)")
+    unlock.add_argument("--email", required=True)
+    unlock.set_defaults(handler=_users_unlock)
 
     keys = commands.add_parser("keys", help="API-key administration")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterable, Sequence
 
 from thallus._asgi import ASGIApp, Message, RawHeaders, Receive, Scope, Send
+from thallus.audit import AuditEvent, AuditSink, request_fields
 from thallus.errors import send_error
 from thallus.origins import parse_origins
 
@@ -57,8 +58,10 @@ class CORSMiddleware:
         *,
         extra_allowed_headers: Iterable[str] = (),
         max_age: int = DEFAULT_MAX_AGE,
+        audit: AuditSink | None = None,
     ) -> None:
         self.app = app
+        self.audit = audit
         origins = parse_origins(list(allowed_origins))
         self.allowed_origins = origins
         self._origins: dict[bytes, bytes] = {origin.encode(): origin.encode() for origin in origins}
@@ -103,7 +106,7 @@ class CORSMiddleware:
         if origin_count > 1:
             origin = b""  # several Origin headers: no browser sends that; treat as not allowed
         if scope["method"] == "OPTIONS" and origin is not None and request_method is not None:
-            await self._preflight(send, origin, request_method, request_headers)
+            await self._preflight(scope, send, origin, request_method, request_headers)
             return
         allowed = self.allowed_origin(origin) if origin else None
         extra = ((b"access-control-allow-origin", allowed), *self._actual_headers) if allowed else ()
@@ -115,17 +118,18 @@ class CORSMiddleware:
 
         await self.app(scope, receive, send_with_cors)
 
-    async def _preflight(self, send: Send, origin: bytes, method: bytes, requested: bytes | None) -> None:
+    async def _preflight(self, scope: Scope, send: Send, origin: bytes, method: bytes, requested: bytes | None) -> None:
         allowed = self.allowed_origin(origin)
         origin_text = _truncate(origin.decode("latin-1"))
         if allowed is None:
             await self._refuse(
-                send, "This origin is not allowed to make cross-origin requests.", {"origin": origin_text}
+                scope, send, "This origin is not allowed to make cross-origin requests.", {"origin": origin_text}
             )
             return
         method_text = method.decode("latin-1").strip()
         if method_text.upper() not in self._allowed_methods:
             await self._refuse(
+                scope,
                 send,
                 "This method is not allowed in cross-origin requests.",
                 {"origin": origin_text, "method": _truncate(method_text)},
@@ -135,6 +139,7 @@ class CORSMiddleware:
         refused = [name for name in names if name and name not in self._allowed_header_keys]
         if refused:
             await self._refuse(
+                scope,
                 send,
                 "These request headers are not allowed in cross-origin requests.",
                 {"origin": origin_text, "headers": [_truncate(name) for name in refused[:10]]},
@@ -148,9 +153,14 @@ class CORSMiddleware:
         await send({"type": "http.response.start", "status": 204, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
-    @staticmethod
-    async def _refuse(send: Send, message: str, details: dict[str, object]) -> None:
+    async def _refuse(self, scope: Scope, send: Send, message: str, details: dict[str, object]) -> None:
         logger.warning("CORS preflight refused: %s", message, extra={"cors": details})
+        if self.audit is not None:
+            self.audit.record(
+                AuditEvent(
+                    action="cors_rejected", outcome="denied", status_code=403, details=details, **request_fields(scope)
+                )
+            )
         await send_error(send, 403, error="CORSError", message=message, details=details, headers=(_VARY_PREFLIGHT,))
 
 

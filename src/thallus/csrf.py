@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from thallus._asgi import ASGIApp, Receive, Scope, Send, scope_state
+from thallus.audit import AuditEvent, AuditSink, request_fields
 from thallus.errors import JSON_CONTENT_TYPE, error_body, send_error
 from thallus.origins import origin_of_url, parse_origins, request_origin_key
 
@@ -155,10 +156,12 @@ class CSRFMiddleware:
         trusted_origins: Iterable[str],
         *,
         environment: Environment = "production",
+        audit: AuditSink | None = None,
     ) -> None:
         self.app = app
         self.trusted_origins = frozenset(parse_origins(list(trusted_origins)))
         self.environment: Environment = environment
+        self.audit = audit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
@@ -180,6 +183,12 @@ class CSRFMiddleware:
         logger.warning(
             "CSRF check refused %s %s: %s", method, scope.get("path", ""), verdict.reason, extra={"csrf": details}
         )
+        if self.audit is not None:
+            fields = request_fields(scope)
+            fields["method"] = method
+            self.audit.record(
+                AuditEvent(action="csrf_rejected", outcome="denied", status_code=403, details=details, **fields)
+            )
         message = "Cross-site request refused: " + verdict.reason + "."
         if scope_type == "http":
             await send_error(send, 403, error="CSRFError", message=message, details=details)

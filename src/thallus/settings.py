@@ -146,6 +146,18 @@ class Settings(BaseSettings):
     api_key_cache_seconds: float = Field(
         5.0, ge=0, le=5, description="how long another instance may still accept a revoked API key"
     )
+    rate_limit_enabled: bool = Field(True, description="per-IP request limits")
+    rate_limit: str = Field("120/minute", description="general per-IP limit, limits notation")
+    rate_limit_auth: str = Field("10/minute", description="per-IP limit on the authentication endpoints")
+    rate_limit_auth_paths: CommaList = Field((AUTH_PATH,), description="path prefixes under the auth limit")
+    rate_limit_exempt_paths: CommaList = Field(("/health", "/metrics"), description="paths never limited")
+    trusted_proxies: CommaList = Field((), description="IPs/CIDRs whose X-Forwarded-For / Forwarded is believed")
+    redis_url: str | None = Field(None, description="redis://host:port/db: limits and lockouts across instances")
+    redis_key_prefix: str = Field("thallus", description="prefix of every Redis key")
+    lockout_threshold: int = Field(5, ge=1, description="consecutive failed logins before a lock")
+    lockout_steps: Annotated[tuple[int, ...], NoDecode] = Field(
+        (900, 1800, 3600, 7200), description="lock durations in seconds, the last repeating"
+    )
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_cost: int = Field(65536, ge=8, description="KiB")
     argon2_parallelism: int = Field(4, ge=1)
@@ -232,6 +244,54 @@ class Settings(BaseSettings):
         if value.startswith(("postgresql://", "postgres://")):
             value = "postgresql+asyncpg://" + value.split("://", 1)[1]
         return value
+
+    @field_validator("rate_limit", "rate_limit_auth")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        from thallus.ratelimit import parse_limit
+
+        parse_limit(value)
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _check_proxies(cls, value: Any) -> Any:
+        from thallus.ratelimit import parse_networks
+
+        value = _split_commas(value)
+        if isinstance(value, (list, tuple)):
+            parse_networks([str(item) for item in value])
+        return value
+
+    @field_validator("lockout_steps", mode="before")
+    @classmethod
+    def _parse_steps(cls, value: Any) -> Any:
+        value = _split_commas(value)
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError("needs at least one duration")
+            try:
+                steps = tuple(int(step) for step in value)
+            except (TypeError, ValueError):
+                raise ValueError("must be whole seconds, e.g. 900,1800,3600,7200") from None
+            if any(step <= 0 for step in steps):
+                raise ValueError("durations must be positive")
+            return steps
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.strip().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("use redis://host:port/db or rediss://…")
+        return value.strip()
+
+    @field_validator("rate_limit_auth_paths", "rate_limit_exempt_paths", mode="before")
+    @classmethod
+    def _parse_rate_paths(cls, value: Any) -> Any:
+        return cls._parse_paths(value)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -13,15 +13,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from limits.aio.storage import Storage
 
 from thallus import __version__
 from thallus._asgi import ASGIApp, Receive, Scope, Send
 from thallus.api.docs import mount_docs
-from thallus.api.routes import api_keys, auth, csp_reports, health, users
-from thallus.audit import AuditSink
+from thallus.api.routes import admin, api_keys, auth, csp_reports, health, users
+from thallus.audit import AuditSink, LogAuditSink
 from thallus.auth import AuthenticationMiddleware
 from thallus.errors import error_body, install_error_handlers
 from thallus.identity.service import Identity
+from thallus.ratelimit import LoginLockout, create_storage
 from thallus.settings import Settings
 from thallus.stack import protect
 from thallus.storage.database import DatabaseUnavailableError
@@ -61,7 +63,7 @@ def create_api(settings: Settings, identity: Identity) -> FastAPI:
         openapi_url=None,
     )
     api.state.identity = identity
-    for router in (health.router, auth.router, users.router, api_keys.router, csp_reports.router):
+    for router in (health.router, auth.router, users.router, api_keys.router, admin.router, csp_reports.router):
         api.include_router(router)
     if settings.docs_enabled:
         mount_docs(api)
@@ -76,10 +78,31 @@ def create_api(settings: Settings, identity: Identity) -> FastAPI:
     return api
 
 
+def login_lockout(settings: Settings, storage: Storage) -> LoginLockout:
+    return LoginLockout(
+        storage,
+        threshold=settings.lockout_threshold,
+        steps=settings.lockout_steps,
+        key_prefix=settings.redis_key_prefix,
+    )
+
+
 def create_app(settings: Settings | None = None, *, audit: AuditSink | None = None) -> Service:
-    """The reference service: :func:`create_api` inside the core layers and the authentication layer."""
+    """The reference service: :func:`create_api` inside the core layers and the authentication layer.
+
+    One ``limits`` storage (memory, or Redis when configured) holds both the request limits and the
+    login lockout state.
+    """
     settings = settings or Settings.load()
-    identity = Identity.from_settings(settings, audit)
+    audit = audit or LogAuditSink()
+    storage = create_storage(settings.redis_url, settings.redis_key_prefix)
+    identity = Identity.from_settings(settings, audit, login_lockout(settings, storage))
     api = create_api(settings, identity)
-    app = protect(api, settings, inner=[lambda inner: AuthenticationMiddleware(inner, identity)])
+    app = protect(
+        api,
+        settings,
+        inner=[lambda inner: AuthenticationMiddleware(inner, identity)],
+        audit=audit,
+        rate_limit_storage=storage,
+    )
     return Service(app, api, identity)

@@ -60,13 +60,14 @@ class LogAuditSink:
 def request_fields(scope: Scope) -> dict[str, Any]:
     """The request columns of an audit record, read from an ASGI scope."""
     client = scope.get("client")
+    resolved_ip = (scope.get("state") or {}).get("client_ip")  # set by the rate-limit layer
     user_agent = None
     for name, value in scope.get("headers", ()):
         if name.lower() == b"user-agent":
             user_agent = value.decode("latin-1")[:512]
             break
     return {
-        "ip_address": client[0] if client else None,
+        "ip_address": resolved_ip or (client[0] if client else None),
         "user_agent": user_agent,
         "method": scope.get("method"),
         "path": scope.get("path"),

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import select, update
@@ -27,6 +27,8 @@ from thallus.errors import (
     ConflictError,
     NotFoundError,
     PermissionDeniedError,
+    RateLimitError,
+    ThallusError,
     ValidationError,
 )
 from thallus.identity import api_keys
@@ -34,12 +36,14 @@ from thallus.identity.keys import KeyRing
 from thallus.identity.passwords import POLICY, PasswordHasher, password_problems
 from thallus.identity.principal import Principal
 from thallus.identity.tokens import REFRESH_PURPOSE, AccessTokens, InvalidTokenError, new_refresh_token
+from thallus.ratelimit import LockoutUnavailableError, LoginLockout
 from thallus.settings import Settings
 from thallus.storage import Database
 from thallus.storage.models import ApiKey, RefreshToken, Session, User, utcnow
 
 logger = logging.getLogger("thallus.identity")
 
+T = TypeVar("T")
 LOGIN_FAILED_MESSAGE = "The e-mail address or password is incorrect."
 ROLES = ("user", "admin")
 LAST_USED_FLUSH_SECONDS = 60.0
@@ -123,8 +127,11 @@ class Identity:
         keys: KeyRing,
         hasher: PasswordHasher,
         audit: AuditSink,
+        *,
+        lockout: LoginLockout | None = None,
     ) -> None:
         self.settings = settings
+        self.lockout = lockout
         self.database = database
         self.keys = keys
         self.hasher = hasher
@@ -135,7 +142,9 @@ class Identity:
         self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, audit: AuditSink | None = None) -> Identity:
+    def from_settings(
+        cls, settings: Settings, audit: AuditSink | None = None, lockout: LoginLockout | None = None
+    ) -> Identity:
         hasher = PasswordHasher(
             time_cost=settings.argon2_time_cost,
             memory_cost=settings.argon2_memory_cost,
@@ -147,6 +156,7 @@ class Identity:
             KeyRing.from_settings(settings),
             hasher,
             audit or LogAuditSink(),
+            lockout=lockout,
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -228,15 +238,18 @@ class Identity:
     # -- sessions ---------------------------------------------------------------------------------
 
     async def login(self, email: str, password: str, client: ClientInfo) -> Login:
-        """Check the password and open a session. Unknown e-mail and wrong password fail alike."""
-        user = await self.user_by_email(email)
+        """Check the password and open a session. Unknown e-mail and wrong password fail alike,
+        and so do locked addresses, known or not (SYSTEM.md §10)."""
+        address = email.strip().lower()[:320]
+        await self._refuse_if_locked(address, client)
+        user = await self.user_by_email(address)
         if user is None or not user.is_active:
             await self.hasher.burn(password)
-            self._audit("login_failed", "failure", None, client, details={"email": email.strip().lower()[:320]})
-            raise AuthenticationError(LOGIN_FAILED_MESSAGE)
-        if not await self.hasher.verify(user.password_hash, password):
-            self._audit("login_failed", "failure", user.id, client, details={"email": user.email})
-            raise AuthenticationError(LOGIN_FAILED_MESSAGE)
+            await self._failed_login(address, None, client)
+        elif not await self.hasher.verify(user.password_hash, password):
+            await self._failed_login(address, user.id, client)
+        if self.lockout is not None:
+            await self._lockout_call(self.lockout.record_success(address))
         async with self.database.session() as db:
             if self.hasher.needs_rehash(user.password_hash):
                 user.password_hash = await self.hasher.hash(password)
@@ -245,6 +258,59 @@ class Identity:
             await db.commit()
         self._audit("login", "success", user.id, client, resource=("session", session.id))
         return Login(user, session.id, self.tokens.issue(user.id, session.id), refresh)
+
+    async def _refuse_if_locked(self, address: str, client: ClientInfo) -> None:
+        if self.lockout is None:
+            return
+        seconds = await self._lockout_call(self.lockout.seconds_locked(address))
+        if seconds:
+            user = await self.user_by_email(address)
+            details = {"email": address, "reason": "locked", "retry_after": seconds}
+            self._audit("login_failed", "denied", user.id if user else None, client, details=details)
+            raise RateLimitError(
+                f"Too many failed sign-ins; try again in {seconds} seconds.",
+                details={"retry_after": seconds},
+                headers=[(b"retry-after", str(seconds).encode())],
+            )
+
+    async def _failed_login(self, address: str, user_id: str | None, client: ClientInfo) -> NoReturn:
+        self._audit("login_failed", "failure", user_id, client, details={"email": address})
+        if self.lockout is not None:
+            outcome = await self._lockout_call(self.lockout.record_failure(address))
+            if outcome.locked_for:
+                details = {
+                    "email": address,
+                    "failed_attempts": outcome.failed_attempts,
+                    "locked_for": outcome.locked_for,
+                }
+                self._audit("account_locked", "denied", user_id, client, details=details)
+                logger.warning(
+                    "sign-in locked for %s seconds after %s failures", outcome.locked_for, outcome.failed_attempts
+                )
+        raise AuthenticationError(LOGIN_FAILED_MESSAGE)
+
+    @staticmethod
+    async def _lockout_call(operation: Awaitable[T]) -> T:
+        """Lockout state is required to sign in: without it, refuse (fail closed) with a 503."""
+        try:
+            return await operation
+        except LockoutUnavailableError:
+            logger.error("lockout storage unreachable; sign-in refused")
+            raise ThallusError(
+                "Sign-in is temporarily unavailable; try again shortly.",
+                status_code=503,
+                headers=[(b"retry-after", b"5")],
+            ) from None
+
+    async def unlock(self, user_id: str, client: ClientInfo, *, actor: str | None = None) -> bool:
+        """Clear a user's lock, failure count and step level (admin); whether a lock was in place."""
+        user = await self.get_user(user_id)
+        if self.lockout is None:
+            return False
+        was_locked = await self._lockout_call(self.lockout.unlock(user.email))
+        details = {"email": user.email, "was_locked": was_locked, "by": actor}
+        self._audit("account_unlocked", "success", user.id, client, resource=("user", user.id), details=details)
+        return was_locked
 
     async def _new_session(self, db: AsyncSession, user: User, client: ClientInfo) -> tuple[Session, str]:
         now = utcnow()

@@ -1,0 +1,15 @@
+"""``/api/v1/admin``: operations for the admin role."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from thallus.api.deps import AdminDep, ClientDep, IdentityDep
+
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+
+
+@router.post("/users/{user_id}/unlock", status_code=204, summary="Lift a login lockout and reset its progression")
+async def unlock_user(user_id: str, admin: AdminDep, service: IdentityDep, client: ClientDep) -> Response:
+    await service.unlock(user_id, client, actor=admin.user_id)
+    return Response(status_code=204)

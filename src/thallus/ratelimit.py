@@ -1,0 +1,322 @@
+"""Rate limiting per client IP and progressive login lockout (SYSTEM.md §10).
+
+Both rest on the ``limits`` library: a moving-window limiter for requests, and its storage's atomic
+counters with expiry for the lockout state — in process memory by default, in Redis when
+``THALLUS_REDIS_URL`` is set, so limits and locks hold across every instance.
+
+* **Requests.** A general limit (``THALLUS_RATE_LIMIT``, default ``120/minute``) and a stricter one
+  on the authentication endpoints (``THALLUS_RATE_LIMIT_AUTH``, ``10/minute``), per client IP;
+  ``/health`` and ``/metrics`` are exempt. Exceeding one answers ``429 RateLimitError`` at once,
+  with ``Retry-After`` (the limit's window, 60 s for a per-minute limit) and the IETF draft
+  ``RateLimit-Policy`` / ``RateLimit`` headers, which every response of a limited route carries.
+  If the storage is unreachable, limits fail open (one error log line a minute).
+* **Client IP.** The peer address. ``X-Forwarded-For`` / ``Forwarded`` count only when the peer is a
+  trusted proxy (``THALLUS_TRUSTED_PROXIES``); then the right-most hop that is not a trusted proxy is
+  the client. A malformed forwarding header is ignored, never an error.
+* **Lockout.** After ``THALLUS_LOCKOUT_THRESHOLD`` consecutive failed logins for an e-mail address
+  (known or not, so a lock reveals nothing), the address is locked for the next step of
+  ``THALLUS_LOCKOUT_STEPS`` (the last repeats). Attempts during a lock do not extend it; success
+  resets the failure count; the step level starts again a day after the first lock of a series;
+  an admin unlock resets everything. If the storage is unreachable, lockout fails closed
+  (:class:`LockoutUnavailableError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+
+from thallus._asgi import ASGIApp, Message, Receive, Scope, Send, scope_state
+from thallus.audit import AuditEvent, AuditSink, request_fields
+from thallus.errors import send_error
+
+logger = logging.getLogger("thallus.ratelimit")
+
+CLIENT_IP_STATE_KEY = "client_ip"
+FAIL_OPEN_LOG_INTERVAL = 60.0
+LEVEL_DECAY_SECONDS = 86400
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_limit(value: str) -> RateLimitItem:
+    """``"120/minute"`` → a limit, or ``ValueError`` naming the notation."""
+    try:
+        return parse(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a rate limit such as 120/minute or 10/second") from None
+
+
+def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """IP addresses or CIDR blocks; ``ValueError`` names the bad one."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or CIDR block") from None
+    return tuple(networks)
+
+
+# -- client IP ----------------------------------------------------------------------------------
+
+
+def _parse_hop(text: str) -> str | None:
+    """An address from one forwarding hop (``1.2.3.4``, ``1.2.3.4:80``, ``[::1]:80``, ``::1``)."""
+    hop = text.strip().strip('"')
+    if hop.startswith("["):
+        end = hop.find("]")
+        hop = hop[1:end] if end > 0 else ""
+    elif hop.count(":") == 1:
+        hop = hop.split(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return None
+
+
+def _forwarded_for(value: str) -> list[str] | None:
+    """The ``for=`` hops of an RFC 7239 ``Forwarded`` value, or ``None`` when malformed."""
+    hops = []
+    for element in value.split(","):
+        found = None
+        for pair in element.split(";"):
+            name, _, hop = pair.strip().partition("=")
+            if name.strip().lower() == "for":
+                found = hop
+        if found is None:
+            return None
+        hops.append(found)
+    return hops
+
+
+def _is_trusted(address: str, proxies: Sequence[IPNetwork]) -> bool:
+    ip = ipaddress.ip_address(address)
+    return any(ip in network for network in proxies)
+
+
+def client_ip(scope: Scope, trusted_proxies: Sequence[IPNetwork] = ()) -> str:
+    """The client's address: the peer, or — behind trusted proxies — the right-most untrusted hop."""
+    client = scope.get("client")
+    peer: str | None = str(client[0]) if client else None
+    if not peer or not trusted_proxies:
+        return peer or "unknown"
+    try:
+        if not _is_trusted(peer, trusted_proxies):
+            return peer
+    except ValueError:  # a unix socket path or similar: no forwarding to trust
+        return peer
+    forwarded_for: list[str] = []
+    forwarded: list[str] = []
+    for name, value in scope["headers"]:
+        key = name.lower()
+        if key == b"x-forwarded-for":
+            forwarded_for.append(value.decode("latin-1"))
+        elif key == b"forwarded":
+            forwarded.append(value.decode("latin-1"))
+    hops: list[str] | None = None
+    if forwarded_for:
+        hops = ", ".join(forwarded_for).split(",")
+    elif forwarded:
+        hops = _forwarded_for(", ".join(forwarded))
+    if not hops:
+        return peer
+    addresses = [_parse_hop(hop) for hop in hops]
+    if any(address is None for address in addresses):
+        return peer  # malformed: ignore the header rather than guess
+    for address in reversed(addresses):
+        assert address is not None
+        if not _is_trusted(address, trusted_proxies):
+            return address
+    return addresses[0] or peer
+
+
+# -- the shared backend -----------------------------------------------------------------------
+
+
+def create_storage(redis_url: str | None, key_prefix: str) -> Storage:
+    """``limits`` storage: memory, or Redis (``redis://`` / ``rediss://``) with a key prefix."""
+    if not redis_url:
+        return MemoryStorage()
+    scheme, _, rest = redis_url.partition("://")
+    uri = f"async+{scheme}://{rest}" if not scheme.startswith("async+") else redis_url
+    storage = storage_from_string(uri, key_prefix=key_prefix, connect_timeout=2, stream_timeout=2)
+    assert isinstance(storage, Storage)
+    return storage
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    limit: RateLimitItem
+    policy_header: bytes
+
+    @classmethod
+    def of(cls, name: str, limit: RateLimitItem) -> Policy:
+        window = limit.get_expiry()
+        return cls(name, limit, f'"{name}";q={limit.amount};w={window}'.encode())
+
+
+class RateLimitMiddleware:
+    """Pure-ASGI per-IP limiter (layer 5 of SYSTEM.md §2)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        storage: Storage,
+        *,
+        general: str = "120/minute",
+        auth: str = "10/minute",
+        auth_paths: Sequence[str] = ("/api/v1/auth",),
+        exempt_paths: Sequence[str] = ("/health", "/metrics"),
+        trusted_proxies: Sequence[str] = (),
+        key_prefix: str = "thallus",
+        audit: AuditSink | None = None,
+    ) -> None:
+        self.app = app
+        self.limiter = MovingWindowRateLimiter(storage)
+        self.general = Policy.of("general", parse_limit(general))
+        self.auth = Policy.of("auth", parse_limit(auth))
+        self.auth_paths = tuple(auth_paths)
+        self.exempt_paths = frozenset(exempt_paths)
+        self.trusted_proxies = parse_networks(trusted_proxies)
+        self.key_prefix = key_prefix
+        self.audit = audit
+        self._last_failure_log = -math.inf
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        address = client_ip(scope, self.trusted_proxies)
+        scope_state(scope)[CLIENT_IP_STATE_KEY] = address
+        path: str = scope.get("path", "")
+        if path in self.exempt_paths:
+            await self.app(scope, receive, send)
+            return
+        policy = self.auth if path.startswith(self.auth_paths) else self.general
+        try:
+            allowed = await self.limiter.hit(policy.limit, self.key_prefix, policy.name, address)
+            stats = await self.limiter.get_window_stats(policy.limit, self.key_prefix, policy.name, address)
+        except Exception as exc:  # storage unreachable: fail open, say so (rarely)
+            self._log_failure(exc)
+            await self.app(scope, receive, send)
+            return
+        reset = max(0, math.ceil(stats.reset_time - time.time()))
+        headers = (
+            (b"ratelimit-policy", policy.policy_header),
+            (b"ratelimit", f'"{policy.name}";r={stats.remaining};t={reset}'.encode()),
+        )
+        if not allowed:
+            await self._refuse(scope, send, policy, address, headers)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    async def _refuse(
+        self, scope: Scope, send: Send, policy: Policy, address: str, headers: tuple[tuple[bytes, bytes], ...]
+    ) -> None:
+        window = policy.limit.get_expiry()
+        described = f"{policy.limit.amount} per {policy.limit.multiples} {policy.limit.GRANULARITY.name}"
+        details = {"policy": policy.name, "limit": described, "retry_after": window}
+        logger.warning("rate limit exceeded", extra={"rate_limit": {**details, "client_ip": address}})
+        if self.audit is not None:
+            self.audit.record(
+                AuditEvent(
+                    action="rate_limited", outcome="denied", status_code=429, details=details, **request_fields(scope)
+                )
+            )
+        await send_error(
+            send,
+            429,
+            error="RateLimitError",
+            message=f"Too many requests; retry in {window} seconds.",
+            details=details,
+            headers=((b"retry-after", str(window).encode()), *headers),
+        )
+
+    def _log_failure(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_failure_log >= FAIL_OPEN_LOG_INTERVAL:
+            self._last_failure_log = now
+            logger.error("rate-limit storage unreachable; limits are not enforced: %s", type(exc).__name__)
+
+
+# -- login lockout ------------------------------------------------------------------------------
+
+
+class LockoutUnavailableError(Exception):
+    """The lockout state cannot be read or written; logins must be refused (fail closed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FailedLogin:
+    failed_attempts: int
+    locked_for: int | None  # seconds, when this failure locked the account
+
+
+class LoginLockout:
+    """Progressive lockout per e-mail address, on the same storage as the request limits."""
+
+    def __init__(self, storage: Storage, *, threshold: int, steps: Sequence[int], key_prefix: str = "thallus") -> None:
+        self.storage = storage
+        self.threshold = threshold
+        self.steps = tuple(steps)
+        self.key_prefix = key_prefix
+
+    def _key(self, kind: str, email: str) -> str:
+        digest = hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
+        return f"{self.key_prefix}/lockout/{kind}/{digest}"
+
+    async def seconds_locked(self, email: str) -> int:
+        """Seconds until the address unlocks; 0 when it is not locked."""
+        try:
+            key = self._key("lock", email)
+            if await self.storage.get(key) <= 0:
+                return 0
+            return max(1, math.ceil(await self.storage.get_expiry(key) - time.time()))
+        except Exception as exc:
+            raise LockoutUnavailableError(str(exc)) from exc
+
+    async def record_failure(self, email: str) -> FailedLogin:
+        try:
+            failures = await self.storage.incr(self._key("failures", email), LEVEL_DECAY_SECONDS)
+            if failures < self.threshold:
+                return FailedLogin(failures, None)
+            await self.storage.clear(self._key("failures", email))
+            level = await self.storage.incr(self._key("level", email), LEVEL_DECAY_SECONDS)
+            duration = self.steps[min(level, len(self.steps)) - 1]
+            await self.storage.incr(self._key("lock", email), duration)
+            return FailedLogin(failures, duration)
+        except Exception as exc:
+            raise LockoutUnavailableError(str(exc)) from exc
+
+    async def record_success(self, email: str) -> None:
+        try:
+            await self.storage.clear(self._key("failures", email))
+        except Exception as exc:
+            raise LockoutUnavailableError(str(exc)) from exc
+
+    async def unlock(self, email: str) -> bool:
+        """Clear the lock, the failure count and the step level; whether a lock was in place."""
+        try:
+            was_locked = await self.storage.get(self._key("lock", email)) > 0
+            for kind in ("lock", "failures", "level"):
+                await self.storage.clear(self._key(kind, email))
+        except Exception as exc:
+            raise LockoutUnavailableError(str(exc)) from exc
+        return was_locked
