@@ -82,6 +82,17 @@ def effective_policy(settings: Settings) -> dict[str, Any]:
             "without_origin_evidence": "403" if settings.csrf_requires_origin_evidence else "allowed",
         },
         "errors": {"500_details": "exception type and message" if settings.expose_error_details else "generic"},
+        "rate_limits": {
+            "enabled": settings.rate_limit_enabled,
+            "general": settings.rate_limit,
+            "auth": settings.rate_limit_auth,
+            "auth_paths": list(settings.rate_limit_auth_paths),
+            "exempt_paths": list(settings.rate_limit_exempt_paths),
+            "backend": _safe_url(settings.redis_url) if settings.redis_url else "memory (this process only)",
+            "trusted_proxies": list(settings.trusted_proxies),
+            "lockout_threshold": settings.lockout_threshold,
+            "lockout_steps": list(settings.lockout_steps),
+        },
     }
 
 
@@ -116,6 +127,17 @@ def _print_policy(policy: dict[str, Any]) -> None:
         f"  No Sec-Fetch-Site, Origin or Referer: {csrf['without_origin_evidence']}",
         "",
         f"Errors: 500 responses show {policy['errors']['500_details']}",
+    ]
+    limits = policy["rate_limits"]
+    lines += [
+        "",
+        f"Rate limits: {'on' if limits['enabled'] else 'off'} (per client IP, backend: {limits['backend']})",
+        f"  General: {limits['general']}; auth endpoints ({', '.join(limits['auth_paths'])}): {limits['auth']}",
+        f"  Exempt: {', '.join(limits['exempt_paths']) or '(none)'}",
+        f"  Trusted proxies: {', '.join(limits['trusted_proxies']) or '(none: the peer address is the client)'}",
+        f"  Login lockout: after {limits['lockout_threshold']} failures, for "
+        + ", ".join(f"{step} s" for step in limits["lockout_steps"])
+        + " (the last repeating)",
     ]
     print("\n".join(lines))
 
