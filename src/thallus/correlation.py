@@ -110,8 +110,9 @@ class CorrelationIdMiddleware:
             message_type = message["type"]
             if message_type in RESPONSE_START_TYPES or message_type == "websocket.accept":
                 headers = message.get("headers") or ()
-                message["headers"] = [h for h in headers if h[0].lower() != HEADER_KEY]
-                message["headers"].append(header)
+                if any(name.lower() == HEADER_KEY for name, _ in headers):  # set, never append
+                    headers = [h for h in headers if h[0].lower() != HEADER_KEY]
+                message["headers"] = [*headers, header]
                 status = message.get("status", 101)
             elif message_type == "websocket.close" and not status:
                 status = 403  # closed before accept: the server answers the handshake with 403
@@ -143,9 +144,12 @@ class CorrelationIdMiddleware:
                         "refused_count": len(values),
                     },
                 )
-            headers = [(name, value) for name, value in scope["headers"] if name.lower() != HEADER_KEY]
-            headers.append((HEADER_KEY, correlation_id.encode("ascii")))
-            scope["headers"] = headers
+            header = (HEADER_KEY, correlation_id.encode("ascii"))
+            if values:  # drop the refused values so inner layers see only the effective ID
+                scope["headers"] = [(name, value) for name, value in scope["headers"] if name.lower() != HEADER_KEY]
+                scope["headers"].append(header)
+            else:
+                scope["headers"] = [*scope["headers"], header]
         scope_state(scope)[STATE_KEY] = correlation_id
         return correlation_id
 
