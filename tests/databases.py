@@ -71,10 +71,11 @@ async def _truncate(url: URL) -> None:
         tables = [
             row["tablename"]
             for row in await connection.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-            if row["tablename"] != "alembic_version"
+            if row["tablename"] not in ("alembic_version", "audit_chain_head")
         ]
         if tables:
             await connection.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " CASCADE")
+            await connection.execute("UPDATE audit_chain_head SET seq = 0, hash = $1", "0" * 64)  # the empty chain
     finally:
         await connection.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -10,15 +11,27 @@ from starlette.testclient import TestClient
 
 from thallus.api import Service, create_app
 from thallus.audit import AuditEvent
+from thallus.audit.chain import FIELDS
+from thallus.audit.store import AuditFilter
 from thallus.identity.service import Identity
 from thallus.settings import Settings
-from thallus.storage.models import User
+from thallus.storage.models import AuditLog, User
 
 SECRET = "t" * 48
 SPA = "https://app.example.com"
 PUBLIC = "https://api.example.com"
 PASSWORD = "Correct-Horse-Battery-9!"
 SAME_ORIGIN = {"Sec-Fetch-Site": "same-origin", "Origin": PUBLIC}
+
+
+#: Every secret a test handed to the service: no audit record of the whole suite may contain one.
+SECRETS_USED: set[str] = {PASSWORD}
+
+
+def remember_secret(value: str) -> str:
+    if len(value) >= 8:
+        SECRETS_USED.add(value)
+    return value
 
 
 class RecordingSink:
@@ -71,9 +84,14 @@ class Api:
         return user
 
     def login(self, email: str = "ada@example.com", password: str = PASSWORD, **headers: str) -> Any:
-        return self.client.post(
+        remember_secret(password)
+        response = self.client.post(
             "/api/v1/auth/login", json={"email": email, "password": password}, headers={**SAME_ORIGIN, **headers}
         )
+        if response.status_code == 200:
+            remember_secret(response.json()["access_token"])
+            remember_secret(self.client.cookies.get("thallus_refresh") or "")
+        return response
 
     def bearer(self, email: str = "ada@example.com") -> dict[str, str]:
         response = self.login(email)
@@ -84,12 +102,42 @@ class Api:
         response = self.client.post("/api/v1/api-keys", json={"name": "ci", **body}, headers=headers)
         assert response.status_code == 201, response.text
         document: dict[str, Any] = response.json()
+        remember_secret(document["key"])
         return document
+
+    def flush_audit(self) -> None:
+        """Wait until the audit writer has stored everything recorded so far (it writes asynchronously)."""
+        writer = self.service.audit
+        assert writer is not None
+        self.run(writer.flush)
+
+    def stored_audit(self) -> list[AuditLog]:
+        """Every record in the persistent audit log, oldest first (after flushing the writer)."""
+        writer = self.service.audit
+        assert writer is not None
+
+        async def read() -> list[AuditLog]:
+            await writer.flush()
+            return [row async for row in writer.store.stream(AuditFilter())]
+
+        rows: list[AuditLog] = self.run(read)
+        return rows
 
 
 @contextmanager
 def running_api(settings: Settings, base_url: str = PUBLIC) -> Iterator[Api]:
+    """The service on a TestClient; on exit, every persisted audit record is scanned for secrets."""
     audit = RecordingSink()
     service = create_app(settings, audit=audit)
     with TestClient(service, base_url=base_url) as client:
-        yield Api(service, client, audit)
+        api = Api(service, client, audit)
+        yield api
+        if service.audit is not None:
+            assert_no_secrets(api.stored_audit())
+
+
+def assert_no_secrets(rows: list[AuditLog]) -> None:
+    for row in rows:
+        text = json.dumps({name: getattr(row, name) for name in FIELDS}, default=str)
+        leaked = [secret for secret in SECRETS_USED if secret in text]
+        assert not leaked, f"audit record {row.seq} ({row.action}) contains a secret"

@@ -23,6 +23,8 @@ from thallus.identity.service import Identity
 from thallus.settings import ConfigurationError, Settings
 
 if TYPE_CHECKING:
+    from thallus.audit.store import AuditStore, Verification
+    from thallus.storage import Database
     from thallus.storage.models import ApiKey, User
 
 T = TypeVar("T")
@@ -202,12 +204,22 @@ def _run(operation: Coroutine[Any, Any, T]) -> T:
 
 
 async def _with_identity(settings: Settings, work: Callable[[Identity], Awaitable[T]]) -> T:
-    identity = Identity.from_settings(settings)
+    """Run ``work`` with the identity service; what it audits lands in the persistent audit log."""
+    from thallus.api import audit_writer
+    from thallus.storage import Database
+
+    database = Database(settings.effective_database_url)
+    writer = audit_writer(settings, database) if settings.audit_enabled else None
+    identity = Identity.from_settings(settings, writer, database=database)
     try:
-        await identity.database.migrate()
+        await database.migrate()
+        if writer is not None:
+            await writer.start()
         return await work(identity)
     finally:
-        await identity.database.dispose()
+        if writer is not None:
+            await writer.stop()
+        await database.dispose()
 
 
 def _read_password(value: str) -> str:
@@ -303,6 +315,87 @@ def _keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_store(settings: Settings) -> tuple[Database, AuditStore]:
+    from thallus.audit.store import AuditStore
+    from thallus.storage import Database
+
+    database = Database(settings.effective_database_url)
+    return database, AuditStore(database)
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    settings = _load_settings()
+
+    async def work() -> Verification:
+        database, store = _audit_store(settings)
+        try:
+            await database.migrate()
+            return await store.verify()
+        finally:
+            await database.dispose()
+
+    result = _run(work())
+    if result.ok:
+        print(f"audit chain intact: {result.checked} records")
+        return 0
+    row = f"seq {result.broken_seq}" + (f" (id {result.broken_id})" if result.broken_id else "")
+    print(f"audit chain broken at {row}: {result.reason}; {result.checked} records before it are intact")
+    return EXIT_FAILURE
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    from thallus.api.routes.audit_logs import export_lines
+    from thallus.audit.store import AuditFilter
+    from thallus.identity.service import utc
+
+    settings = _load_settings()
+    try:
+        start = utc(datetime.fromisoformat(args.start_date)) if args.start_date else None
+        end = utc(datetime.fromisoformat(args.end_date)) if args.end_date else None
+    except ValueError:
+        print("thallus: --start-date and --end-date take ISO 8601 times", file=sys.stderr)
+        return EXIT_FAILURE
+    query = AuditFilter(
+        user_id=args.user_id, actions=tuple(args.action or ()), outcome=args.outcome, start=start, end=end
+    )
+    output = open(args.output, "wb") if args.output else sys.stdout.buffer  # noqa: SIM115 - closed below
+
+    async def work() -> None:
+        database, store = _audit_store(settings)
+        try:
+            await database.migrate()
+            async for chunk in export_lines(store, query, args.format):
+                output.write(chunk)
+        finally:
+            await database.dispose()
+
+    try:
+        _run(work())
+    finally:
+        if args.output:
+            output.close()
+    return 0
+
+
+def _audit_prune(args: argparse.Namespace) -> int:
+    from datetime import UTC, timedelta
+
+    settings = _load_settings()
+    cutoff = datetime.now(UTC) - timedelta(days=args.older_than)
+
+    async def work() -> int:
+        database, store = _audit_store(settings)
+        try:
+            await database.migrate()
+            return await store.prune(cutoff)
+        finally:
+            await database.dispose()
+
+    pruned = _run(work())
+    print(f"pruned {pruned} audit records older than {cutoff.isoformat(timespec='seconds')}; checkpoint written")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thallus", description="Thallus: a security layer for HTTP APIs.")
     parser.add_argument("--version", action="version", version=f"thallus {__version__}")
@@ -340,6 +433,24 @@ def build_parser() -> argparse.ArgumentParser:
     key_create.add_argument("--name", required=True, help="a label for the key")
     key_create.add_argument("--expires-at", help="ISO 8601 expiry time (UTC when no zone is given)")
     key_create.set_defaults(handler=_keys_create)
+
+    audit = commands.add_parser("audit", help="the audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    audit_commands.add_parser("verify", help="walk the hash chain; exit 1 at the first broken link").set_defaults(
+        handler=_audit_verify
+    )
+    export = audit_commands.add_parser("export", help="write records, oldest first, as JSON Lines or CSV")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.add_argument("--output", help="a file (default: standard output)")
+    export.add_argument("--action", action="append", help="only this action (repeatable)")
+    export.add_argument("--user-id")
+    export.add_argument("--outcome", choices=("success", "failure", "partial", "denied"))
+    export.add_argument("--start-date", help="ISO 8601, inclusive")
+    export.add_argument("--end-date", help="ISO 8601, inclusive")
+    export.set_defaults(handler=_audit_export)
+    prune = audit_commands.add_parser("prune", help="delete old records (retention), keeping the chain verifiable")
+    prune.add_argument("--older-than", type=int, required=True, metavar="DAYS")
+    prune.set_defaults(handler=_audit_prune)
 
     config = commands.add_parser("config", help="inspect the configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")

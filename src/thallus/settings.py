@@ -158,6 +158,11 @@ class Settings(BaseSettings):
     lockout_steps: Annotated[tuple[int, ...], NoDecode] = Field(
         (900, 1800, 3600, 7200), description="lock durations in seconds, the last repeating"
     )
+    audit_enabled: bool = Field(True, description="persist the audit log (else audit events are only logged)")
+    audit_journal_dir: Path | None = Field(None, description="spill journal; default THALLUS_DATA_DIR/audit-journal")
+    audit_queue_size: int = Field(10_000, ge=1, description="records held in memory before spilling")
+    audit_batch_size: int = Field(500, ge=1, le=10_000, description="records written per transaction")
+    audit_write_timeout: float = Field(5.0, gt=0, description="seconds before a slow write spills")
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_cost: int = Field(65536, ge=8, description="KiB")
     argon2_parallelism: int = Field(4, ge=1)
@@ -384,6 +389,10 @@ class Settings(BaseSettings):
     def effective_database_url(self) -> str:
         """``THALLUS_DATABASE_URL``, or the embedded SQLite file in ``THALLUS_DATA_DIR``."""
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'thallus.db'}"
+
+    @property
+    def effective_audit_journal_dir(self) -> Path:
+        return self.audit_journal_dir or self.data_dir / "audit-journal"
 
     @property
     def origins(self) -> tuple[str, ...]:

@@ -2,14 +2,16 @@
 
 Outermost first::
 
-    correlation → security headers → CORS → error boundary → rate limit → [inner layers] → CSRF → app
+    correlation → headers → CORS → request audit → error boundary → rate limit → [inner] → CSRF → app
 
 Correlation and headers wrap everything, so every response — a CORS refusal, a 429, a CSRF 403, a
 crash — carries the correlation ID and the security headers. The error boundary sits *inside* CORS
 (§2 lists it before CORS): its JSON 500 then passes through CORS and stays readable by an allowed
 origin, which an SPA needs to show the correlation ID of a failure (Starlette #1175). Nothing
-outside the boundary raises: those three layers only edit response-start headers. The rate limiter
-sits inside CORS too, so an allowed SPA can read a 429 and its ``Retry-After``.
+outside the boundary raises: those layers only edit response-start headers or record. The rate
+limiter sits inside CORS too, so an allowed SPA can read a 429 and its ``Retry-After``. With an
+``audit`` sink, the request-audit layer (§11's ``request`` record) sits outside the error boundary
+so that it sees the final status of every state-changing request, crashes included.
 
 ``inner`` slots further pure-ASGI layers (authentication) between the rate limiter and CSRF,
 outermost first, so an authentication layer can mark a verified API key before CSRF decides.
@@ -23,6 +25,7 @@ from limits.aio.storage import Storage
 
 from thallus._asgi import ASGIApp
 from thallus.audit import AuditSink
+from thallus.audit.middleware import AuditRequestMiddleware
 from thallus.correlation import CorrelationIdMiddleware
 from thallus.cors import CORSMiddleware
 from thallus.csrf import CSRFMiddleware
@@ -70,6 +73,8 @@ def protect(
             audit=audit,
         )
     wrapped = ErrorBoundaryMiddleware(wrapped, expose_details=settings.expose_error_details)
+    if audit is not None:
+        wrapped = AuditRequestMiddleware(wrapped, audit)
     wrapped = CORSMiddleware(
         wrapped,
         settings.origins,

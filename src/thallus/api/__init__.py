@@ -18,15 +18,17 @@ from limits.aio.storage import Storage
 from thallus import __version__
 from thallus._asgi import ASGIApp, Receive, Scope, Send
 from thallus.api.docs import mount_docs
-from thallus.api.routes import admin, api_keys, auth, csp_reports, health, users
-from thallus.audit import AuditSink, LogAuditSink
+from thallus.api.routes import admin, api_keys, audit_logs, auth, csp_reports, health, users
+from thallus.audit import AuditSink, FanOutSink, LogAuditSink
+from thallus.audit.store import AuditStore
+from thallus.audit.writer import AuditWriter
 from thallus.auth import AuthenticationMiddleware
 from thallus.errors import error_body, install_error_handlers
 from thallus.identity.service import Identity
 from thallus.ratelimit import LoginLockout, create_storage
 from thallus.settings import Settings
 from thallus.stack import protect
-from thallus.storage.database import DatabaseUnavailableError
+from thallus.storage.database import Database, DatabaseUnavailableError
 
 logger = logging.getLogger("thallus.api")
 
@@ -34,25 +36,35 @@ logger = logging.getLogger("thallus.api")
 class Service:
     """The protected ASGI application, with handles on its parts."""
 
-    def __init__(self, app: ASGIApp, api: FastAPI, identity: Identity) -> None:
+    def __init__(self, app: ASGIApp, api: FastAPI, identity: Identity, audit: AuditWriter | None = None) -> None:
         self.app = app
         self.api = api
         self.identity = identity
+        self.audit = audit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
 
 
-def create_api(settings: Settings, identity: Identity) -> FastAPI:
-    """The FastAPI application alone (routers, error handlers, docs), without protection layers."""
+def create_api(settings: Settings, identity: Identity, writer: AuditWriter | None = None) -> FastAPI:
+    """The FastAPI application alone (routers, error handlers, docs), without protection layers.
+
+    Its lifespan migrates the database, starts the identity service and the audit writer, and on
+    shutdown flushes both (queued audit records are written or journalled) before closing the pool.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await identity.start()
+        if writer is not None:
+            await writer.start()
         try:
             yield
         finally:
-            await identity.stop()
+            await identity.stop(dispose=False)
+            if writer is not None:
+                await writer.stop()
+            await identity.database.dispose()
 
     api = FastAPI(
         title="Thallus",
@@ -63,7 +75,9 @@ def create_api(settings: Settings, identity: Identity) -> FastAPI:
         openapi_url=None,
     )
     api.state.identity = identity
-    for router in (health.router, auth.router, users.router, api_keys.router, admin.router, csp_reports.router):
+    api.state.audit_store = writer.store if writer is not None else None
+    routers = (health.router, auth.router, users.router, api_keys.router, admin.router, audit_logs.router)
+    for router in (*routers, csp_reports.router):
         api.include_router(router)
     if settings.docs_enabled:
         mount_docs(api)
@@ -90,19 +104,33 @@ def login_lockout(settings: Settings, storage: Storage) -> LoginLockout:
 def create_app(settings: Settings | None = None, *, audit: AuditSink | None = None) -> Service:
     """The reference service: :func:`create_api` inside the core layers and the authentication layer.
 
-    One ``limits`` storage (memory, or Redis when configured) holds both the request limits and the
-    login lockout state.
+    One database serves identity and the audit log; one ``limits`` storage (memory, or Redis when
+    configured) holds both the request limits and the login lockout state. ``audit`` receives every
+    audit event besides the persistent log (or instead of it, with ``THALLUS_AUDIT_ENABLED=false``).
     """
     settings = settings or Settings.load()
-    audit = audit or LogAuditSink()
+    database = Database(settings.effective_database_url)
+    writer = audit_writer(settings, database) if settings.audit_enabled else None
+    sinks = [sink for sink in (writer, audit) if sink is not None]
+    sink: AuditSink = FanOutSink(*sinks) if sinks else LogAuditSink()
     storage = create_storage(settings.redis_url, settings.redis_key_prefix)
-    identity = Identity.from_settings(settings, audit, login_lockout(settings, storage))
-    api = create_api(settings, identity)
+    identity = Identity.from_settings(settings, sink, login_lockout(settings, storage), database)
+    api = create_api(settings, identity, writer)
     app = protect(
         api,
         settings,
         inner=[lambda inner: AuthenticationMiddleware(inner, identity)],
-        audit=audit,
+        audit=sink,
         rate_limit_storage=storage,
     )
-    return Service(app, api, identity)
+    return Service(app, api, identity, writer)
+
+
+def audit_writer(settings: Settings, database: Database) -> AuditWriter:
+    return AuditWriter(
+        AuditStore(database),
+        settings.effective_audit_journal_dir,
+        queue_size=settings.audit_queue_size,
+        batch_size=settings.audit_batch_size,
+        write_timeout=settings.audit_write_timeout,
+    )

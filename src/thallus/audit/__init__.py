@@ -72,3 +72,14 @@ def request_fields(scope: Scope) -> dict[str, Any]:
         "method": scope.get("method"),
         "path": scope.get("path"),
     }
+
+
+class FanOutSink:
+    """Hands every event to several sinks (e.g. the persistent writer and a log)."""
+
+    def __init__(self, *sinks: AuditSink) -> None:
+        self.sinks = sinks
+
+    def record(self, event: AuditEvent) -> None:
+        for sink in self.sinks:
+            sink.record(event)

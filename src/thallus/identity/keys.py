@@ -12,13 +12,15 @@ and the server agree. Test and production refuse to start without a secret (sett
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
-from thallus.settings import Settings
+from thallus.settings import MIN_SECRET_LENGTH, Settings
 
 SECRET_FILE = "secret_key"  # noqa: S105 - a file name
 
@@ -29,14 +31,28 @@ def server_secret(settings: Settings) -> bytes:
     if settings.env != "development":  # settings validation refuses this already
         raise RuntimeError("THALLUS_SECRET_KEY is required outside development")
     path = settings.data_dir / SECRET_FILE
+    if not path.exists():
+        _create_atomically(path, secrets.token_urlsafe(48).encode())
+    secret = path.read_bytes().strip()
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise RuntimeError(f"{path} is empty or too short; delete it to generate a new development secret")
+    return secret
+
+
+def _create_atomically(path: Path, content: bytes) -> None:
+    """Write a temporary file, then link it into place: readers see the whole secret or no file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(descriptor, "w") as file:
-        file.write(secrets.token_urlsafe(48))
-    return path.read_bytes().strip()
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())
+        with contextlib.suppress(FileExistsError):  # another process won the race; its secret stands
+            os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _derive(secret: bytes, purpose: str) -> bytes:

@@ -8,6 +8,8 @@ tens of milliseconds by design and must not stall the event loop.
 
 from __future__ import annotations
 
+import unicodedata
+
 import anyio.to_thread
 from argon2 import PasswordHasher as Argon2Hasher
 from argon2 import Type
@@ -22,17 +24,21 @@ POLICY = (
 
 
 def password_problems(password: str) -> list[str]:
-    """What ``password`` lacks under the policy; empty when it is acceptable."""
+    """What ``password`` lacks under the policy; empty when it is acceptable.
+
+    Classes are Unicode categories, so a symbol such as Ⓐ is a special character, not a letter.
+    """
     problems = []
     if not MIN_LENGTH <= len(password) <= MAX_LENGTH:
         problems.append(f"length must be {MIN_LENGTH}–{MAX_LENGTH} characters")
-    if not any(char.isupper() for char in password):
+    categories = {unicodedata.category(char) for char in password}
+    if "Lu" not in categories:
         problems.append("needs an upper-case letter")
-    if not any(char.islower() for char in password):
+    if "Ll" not in categories:
         problems.append("needs a lower-case letter")
-    if not any(char.isdigit() for char in password):
+    if "Nd" not in categories:
         problems.append("needs a digit")
-    if all(char.isalnum() for char in password):
+    if all(category[0] in "LN" for category in categories):  # neither a letter nor a number
         problems.append("needs a special character")
     return problems
 
@@ -63,5 +69,5 @@ class PasswordHasher:
     def _verify(self, password_hash: str, password: str) -> bool:
         try:
             return self._argon2.verify(password_hash, password)
-        except (VerificationError, InvalidHashError):
+        except (VerificationError, InvalidHashError, ValueError):  # incl. a non-ASCII stored hash
             return False

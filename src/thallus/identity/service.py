@@ -61,6 +61,15 @@ def normalize_email(email: str, *, loc: Sequence[str | int] = ("body", "email"))
     return normalized.lower()
 
 
+def canonical_email(email: str) -> str:
+    """The stored form of an address for lookups: as :func:`normalize_email`, or — for text that is
+    not an address at all — simply trimmed and lower-cased (it matches no account either way)."""
+    try:
+        return normalize_email(email)
+    except ValidationError:
+        return email.strip().lower()[:320]
+
+
 def check_password(password: str, *, loc: Sequence[str | int] = ("body", "password")) -> None:
     problems = password_problems(password)
     if problems:
@@ -143,7 +152,11 @@ class Identity:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, audit: AuditSink | None = None, lockout: LoginLockout | None = None
+        cls,
+        settings: Settings,
+        audit: AuditSink | None = None,
+        lockout: LoginLockout | None = None,
+        database: Database | None = None,
     ) -> Identity:
         hasher = PasswordHasher(
             time_cost=settings.argon2_time_cost,
@@ -152,7 +165,7 @@ class Identity:
         )
         return cls(
             settings,
-            Database(settings.effective_database_url),
+            database or Database(settings.effective_database_url),
             KeyRing.from_settings(settings),
             hasher,
             audit or LogAuditSink(),
@@ -166,14 +179,15 @@ class Identity:
         await self.database.migrate()
         self._flusher = asyncio.create_task(self._flush_periodically())
 
-    async def stop(self) -> None:
+    async def stop(self, *, dispose: bool = True) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         with contextlib.suppress(Exception):
             await self.flush_last_used()
-        await self.database.dispose()
+        if dispose:
+            await self.database.dispose()
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -233,14 +247,14 @@ class Identity:
 
     async def user_by_email(self, email: str) -> User | None:
         async with self.database.session() as db:
-            return await db.scalar(select(User).where(User.email == email.strip().lower()))
+            return await db.scalar(select(User).where(User.email == canonical_email(email)))
 
     # -- sessions ---------------------------------------------------------------------------------
 
     async def login(self, email: str, password: str, client: ClientInfo) -> Login:
         """Check the password and open a session. Unknown e-mail and wrong password fail alike,
         and so do locked addresses, known or not (SYSTEM.md §10)."""
-        address = email.strip().lower()[:320]
+        address = canonical_email(email)
         await self._refuse_if_locked(address, client)
         user = await self.user_by_email(address)
         if user is None or not user.is_active:

@@ -1,0 +1,67 @@
+"""One ``request`` audit record for every state-changing request (SYSTEM.md §11).
+
+Placed just inside CORS (outside the error boundary), so it sees the final status of every request
+whichever layer answered it — a 429, a CSRF 403, a 401, a crash's 500 — and exactly one record is
+written per request. The principal, set deeper by the authentication layer, is read from the shared
+``scope["state"]`` when the response is done: API-key requests are attributed to the key's user with
+``auth_method: api_key`` and the key id.
+"""
+
+from __future__ import annotations
+
+import time
+
+from thallus._asgi import ASGIApp, Message, Receive, Scope, Send
+from thallus.audit import AuditEvent, AuditSink, Outcome, request_fields
+from thallus.csrf import SAFE_METHODS
+from thallus.identity.principal import principal_of
+
+
+def outcome_of(status: int | None) -> Outcome:
+    if status is None or status >= 500:
+        return "failure"
+    if status in (401, 403, 429):
+        return "denied"
+    return "failure" if status >= 400 else "success"
+
+
+class AuditRequestMiddleware:
+    def __init__(self, app: ASGIApp, sink: AuditSink) -> None:
+        self.app = app
+        self.sink = sink
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in SAFE_METHODS:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status: int | None = None
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            self._record(scope, status, (time.perf_counter() - started) * 1000)
+
+    def _record(self, scope: Scope, status: int | None, duration_ms: float) -> None:
+        principal = principal_of(scope)
+        details: dict[str, object] = {"auth_method": principal.auth_method if principal else None}
+        if principal is not None and principal.api_key_id:
+            details["api_key_id"] = principal.api_key_id
+        self.sink.record(
+            AuditEvent(
+                action="request",
+                outcome=outcome_of(status),
+                user_id=principal.user_id if principal else None,
+                details=details,
+                error_message=None if status is not None else "no response was sent",
+                status_code=status,
+                duration_ms=round(duration_ms, 3),
+                **request_fields(scope),
+            )
+        )

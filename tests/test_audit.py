@@ -1,0 +1,490 @@
+"""The audit log (SYSTEM.md §11) on SQLite and PostgreSQL: chain, store, writer, journal, API, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import itertools
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text, update
+
+from tests.server import THALLUS
+from tests.service import PASSWORD, SAME_ORIGIN, Api, running_api, settings_for
+from thallus.audit import AuditEvent
+from thallus.audit.chain import link_hash
+from thallus.audit.journal import Journal
+from thallus.audit.store import AuditFilter, AuditStore
+from thallus.audit.writer import AuditWriter, prepare
+from thallus.storage import Database
+from thallus.storage.models import GENESIS_HASH, AuditLog
+
+
+def event(action: str = "request", **fields: Any) -> AuditEvent:
+    return AuditEvent(action=action, outcome=fields.pop("outcome", "success"), **fields)
+
+
+async def with_store(url: str) -> tuple[Database, AuditStore]:
+    database = Database(url)
+    await database.migrate()
+    return database, AuditStore(database)
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+# -- the chain ------------------------------------------------------------------------------------
+
+
+def test_link_hash_covers_content_seq_and_previous() -> None:
+    record = prepare(event(details={"b": 1, "a": [1, 2]}, duration_ms=1.5))
+    base = link_hash(GENESIS_HASH, record, 1)
+    assert link_hash(GENESIS_HASH, record, 2) != base
+    assert link_hash("1" * 64, record, 1) != base
+    assert link_hash(GENESIS_HASH, {**record, "outcome": "failure"}, 1) != base
+    assert link_hash(GENESIS_HASH, dict(reversed(list(record.items()))), 1) == base, "key order is irrelevant"
+
+
+def test_prepare_redacts_and_bounds() -> None:
+    record = prepare(
+        event(
+            details={"password": "hunter2-XYZ!", "nested": {"api_key": "thal_x", "ok": 1}, "when": datetime.now(UTC)},
+            user_agent="u" * 2000,
+            path="/" + "p" * 5000,
+        )
+    )
+    assert record["details"]["password"] == "[redacted]"
+    assert record["details"]["nested"] == {"api_key": "[redacted]", "ok": 1}
+    assert isinstance(record["details"]["when"], str)
+    assert len(record["user_agent"]) == 512
+    assert len(record["path"]) == 2048
+    assert len(record["id"]) == 36
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+def test_append_chains_and_verifies(database_url: str) -> None:
+    async def scenario() -> None:
+        database, store = await with_store(database_url)
+        try:
+            records = [prepare(event(resource_id=str(i), details={"i": i})) for i in range(25)]
+            assert await store.append(records[:10]) == 10
+            assert await store.append(records[10:]) == 15
+            assert await store.append(records[5:15]) == 0, "already stored ids are skipped (exactly once)"
+            rows = [row async for row in store.stream(AuditFilter(), chunk=7)]
+            assert [row.seq for row in rows] == list(range(1, 26))
+            assert [row.resource_id for row in rows] == [str(i) for i in range(25)]
+            assert rows[0].prev_hash == GENESIS_HASH
+            assert all(later.prev_hash == earlier.hash for earlier, later in itertools.pairwise(rows))
+            result = await store.verify()
+            assert (result.ok, result.checked) == (True, 25)
+        finally:
+            await database.dispose()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("tamper", "broken_seq", "reason"),
+    [
+        ("UPDATE audit_logs SET outcome = 'success', status_code = 200 WHERE seq = 4", 4, "content"),
+        ("UPDATE audit_logs SET created_at = created_at WHERE seq = 4; UPDATE audit_logs SET user_id = 'mallory' WHERE seq = 4", 4, "content"),
+        ("DELETE FROM audit_logs WHERE seq = 4", 4, "missing"),
+        ("DELETE FROM audit_logs WHERE seq >= 6", 6, "missing"),
+        ("UPDATE audit_logs SET prev_hash = 'f' || substr(prev_hash, 2) WHERE seq = 3", 3, "prev_hash"),
+    ],
+)  # fmt: skip
+def test_tampering_is_named_by_verify(database_url: str, tamper: str, broken_seq: int, reason: str) -> None:
+    async def scenario() -> None:
+        database, store = await with_store(database_url)
+        try:
+            await store.append([prepare(event(outcome="denied", status_code=403)) for _ in range(8)])
+            async with database.session() as db:
+                for statement in tamper.split("; "):
+                    await db.execute(text(statement))
+                await db.commit()
+            result = await store.verify()
+            assert not result.ok
+            assert result.broken_seq == broken_seq
+            assert reason in (result.reason or "")
+        finally:
+            await database.dispose()
+
+    run(scenario())
+
+
+def test_query_filters_and_pages(database_url: str) -> None:
+    async def scenario() -> None:
+        database, store = await with_store(database_url)
+        try:
+            base = datetime(2026, 1, 1, tzinfo=UTC)
+            await store.append(
+                [
+                    prepare(
+                        event(
+                            "login" if i % 3 == 0 else "request",
+                            outcome="success" if i % 2 else "failure",
+                            user_id=f"user-{i % 4}",
+                            resource_type="session",
+                            resource_id=f"s{i}",
+                            correlation_id=f"corr-{i}",
+                            created_at=base + timedelta(minutes=i),
+                        )
+                    )
+                    for i in range(30)
+                ]
+            )
+            newest = await store.query(AuditFilter(), limit=5)
+            assert [row.seq for row in newest] == [30, 29, 28, 27, 26]
+            following = await store.query(AuditFilter(), limit=5, before_seq=26)
+            assert [row.seq for row in following] == [25, 24, 23, 22, 21]
+            logins = await store.query(AuditFilter(actions=("login",)), limit=100)
+            assert len(logins) == 10 and all(row.action == "login" for row in logins)
+            mixed = await store.query(
+                AuditFilter(actions=("login", "request"), outcome="failure", user_id="user-0"), limit=100
+            )
+            assert {row.resource_id for row in mixed} == {"s0", "s4", "s8", "s12", "s16", "s20", "s24", "s28"}
+            one = await store.query(AuditFilter(correlation_id="corr-7"), limit=10)
+            assert [row.resource_id for row in one] == ["s7"]
+            window = await store.query(
+                AuditFilter(start=base + timedelta(minutes=10), end=base + timedelta(minutes=12)), limit=10
+            )
+            assert sorted(row.resource_id or "" for row in window) == ["s10", "s11", "s12"]
+            by_resource = await store.query(AuditFilter(resource_type="session", resource_id="s3"), limit=10)
+            assert len(by_resource) == 1
+        finally:
+            await database.dispose()
+
+    run(scenario())
+
+
+def test_prune_keeps_the_chain_verifiable(database_url: str) -> None:
+    async def scenario() -> None:
+        database, store = await with_store(database_url)
+        try:
+            old = datetime.now(UTC) - timedelta(days=100)
+            await store.append([prepare(event(created_at=old + timedelta(seconds=i))) for i in range(12)])
+            await store.append([prepare(event()) for _ in range(5)])
+            assert await store.prune(datetime.now(UTC) - timedelta(days=30)) == 12
+            assert await store.count() == 5
+            result = await store.verify()
+            assert (result.ok, result.checked) == (True, 5)
+            assert await store.prune(datetime.now(UTC) - timedelta(days=30)) == 0
+            await store.append([prepare(event()) for _ in range(2)])
+            assert (await store.verify()).ok
+            async with database.session() as db:
+                await db.execute(update(AuditLog).where(AuditLog.seq == 14).values(action="login"))
+                await db.commit()
+            broken = await store.verify()
+            assert (broken.ok, broken.broken_seq) == (False, 14)
+        finally:
+            await database.dispose()
+
+    run(scenario())
+
+
+# -- the writer -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def journal_dir(tmp_path: Path) -> Path:
+    return tmp_path / "journal"
+
+
+async def running_writer(url: str, journal_dir: Path, **options: Any) -> tuple[Database, AuditWriter]:
+    database = Database(url)
+    await database.migrate()
+    writer = AuditWriter(AuditStore(database), journal_dir, **options)
+    await writer.start()
+    return database, writer
+
+
+def test_writer_batches_records_into_the_store(database_url: str, journal_dir: Path) -> None:
+    async def scenario() -> None:
+        database, writer = await running_writer(database_url, journal_dir, batch_size=50)
+        for i in range(230):
+            writer.record(event(resource_id=str(i)))
+        await writer.stop()
+        store = AuditStore(database)
+        rows = [row async for row in store.stream(AuditFilter())]
+        assert [row.resource_id for row in rows] == [str(i) for i in range(230)]
+        assert writer.stats["written"] == 230 and writer.stats["spilled"] == 0
+        assert (await store.verify()).ok
+        assert not list(journal_dir.glob("*.jsonl")), "no journal left behind"
+        await database.dispose()
+
+    run(scenario())
+
+
+def test_records_from_worker_threads(database_url: str, journal_dir: Path) -> None:
+    async def scenario() -> None:
+        database, writer = await running_writer(database_url, journal_dir)
+        await asyncio.gather(*(asyncio.to_thread(writer.record, event(resource_id=str(i))) for i in range(20)))
+        await writer.stop()
+        assert await AuditStore(database).count() == 20
+        await database.dispose()
+
+    run(scenario())
+
+
+def test_full_queue_spills_rather_than_drops(database_url: str, journal_dir: Path) -> None:
+    async def scenario() -> None:
+        database, writer = await running_writer(database_url, journal_dir, queue_size=5)
+        for i in range(40):  # synchronously: the writer task gets no chance to drain meanwhile
+            writer.record(event(resource_id=str(i)))
+        assert writer.stats["overflowed"] == 35
+        await writer.stop()
+        store = AuditStore(database)
+        rows = [row async for row in store.stream(AuditFilter())]
+        assert sorted(int(row.resource_id or -1) for row in rows) == list(range(40)), "every record stored once"
+        assert (await store.verify()).ok
+        await database.dispose()
+
+    run(scenario())
+
+
+def test_orphaned_journal_is_replayed_exactly_once(database_url: str, journal_dir: Path) -> None:
+    async def scenario() -> None:
+        records = [prepare(event(resource_id=str(i))) for i in range(10)]
+        dead = Journal(journal_dir)  # a process that spilled, then died without replaying
+        dead.append(records)
+        dead.close()
+        database, store = await with_store(database_url)
+        await store.append(records[:4])  # part of it had reached the database before the crash
+        writer = AuditWriter(store, journal_dir)
+        await writer.start()
+        await writer.flush()
+        await writer.stop()
+        rows = [row async for row in store.stream(AuditFilter())]
+        assert [row.resource_id for row in rows] == [str(i) for i in range(10)]
+        assert not list(journal_dir.glob("*.jsonl"))
+        await database.dispose()
+
+    run(scenario())
+
+
+def test_torn_last_journal_line_is_skipped(database_url: str, journal_dir: Path) -> None:
+    async def scenario() -> None:
+        journal = Journal(journal_dir)
+        journal.append([prepare(event(resource_id="whole"))])
+        journal.close()
+        with open(journal.path, "a", encoding="utf-8") as file:
+            file.write('{"id": "torn-in-half", "act')
+        database, writer = await running_writer(database_url, journal_dir)
+        await writer.stop()
+        assert [row.resource_id async for row in AuditStore(database).stream(AuditFilter())] == ["whole"]
+        await database.dispose()
+
+    run(scenario())
+
+
+def test_unreachable_database_spills_to_the_journal(journal_dir: Path) -> None:
+    async def scenario() -> None:
+        database = Database("postgresql+asyncpg://postgres@127.0.0.1:1/none")
+        writer = AuditWriter(AuditStore(database), journal_dir)
+        await writer.start()
+        for i in range(7):
+            writer.record(event(resource_id=str(i)))
+        await writer.stop()
+        journals = list(journal_dir.glob("journal-*.jsonl"))
+        assert len(journals) == 1
+        lines = journals[0].read_text().splitlines()
+        assert [json.loads(line)["resource_id"] for line in lines] == [str(i) for i in range(7)]
+        await database.dispose()
+
+    run(scenario())
+
+
+# -- through the API ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def admin_api(database_url: str) -> Iterator[Api]:
+    with running_api(settings_for(database_url, rate_limit_auth="1000/minute")) as api:
+        api.create_user("ada@example.com")
+        api.create_user("root@example.com", role="admin")
+        yield api
+
+
+def test_every_action_is_recorded(admin_api: Api) -> None:
+    api = admin_api
+    headers = api.bearer()
+    key = api.new_key(headers)
+    api.client.get("/api/v1/users/me", headers={"X-API-Key": key["key"]})
+    api.client.post("/api/v1/api-keys", json={"name": "by key"}, headers={"X-API-Key": key["key"]})
+    api.client.delete(f"/api/v1/api-keys/{key['id']}", headers=headers)
+    api.login(password="Wrong-Password-123!")
+    api.client.post("/api/v1/auth/logout", headers={"Origin": "https://evil.example"})  # csrf_rejected
+    api.client.options(
+        "/api/v1/users/me", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
+    )
+    api.client.get("/api/v1/audit-logs", headers=headers)  # permission_denied
+    api.client.post("/api/v1/auth/logout", headers=SAME_ORIGIN)
+    actions = {row.action for row in api.stored_audit()}
+    assert {
+        "login", "login_failed", "api_key_create", "api_key_revoke", "csrf_rejected", "cors_rejected",
+        "permission_denied", "logout", "request",
+    } <= actions  # fmt: skip
+    rows = api.stored_audit()
+    assert all(row.correlation_id for row in rows)
+    csrf = next(row for row in rows if row.action == "csrf_rejected")
+    assert csrf.details == {"reason": "Origin is not a trusted origin", "origin": "https://evil.example"}
+    assert (csrf.outcome, csrf.status_code, csrf.method, csrf.path) == ("denied", 403, "POST", "/api/v1/auth/logout")
+    cors = next(row for row in rows if row.action == "cors_rejected")
+    assert cors.details is not None and cors.details["origin"] == "https://evil.example"
+
+
+def test_one_request_record_per_state_changing_request(admin_api: Api) -> None:
+    api = admin_api
+    headers = api.bearer()
+    key = api.new_key(headers)["key"]
+    created = api.client.post(
+        "/api/v1/api-keys", json={"name": "x"}, headers={"X-API-Key": key, "X-Correlation-ID": "req-1"}
+    )
+    missing = api.client.post("/api/v1/nowhere", headers={"X-Correlation-ID": "req-2"})
+    api.client.get("/api/v1/users/me", headers={"X-Correlation-ID": "req-3"})  # safe: no request record
+    requests = {row.correlation_id: row for row in api.stored_audit() if row.action == "request"}
+    made = requests["req-1"]
+    assert (made.method, made.path, made.status_code, made.outcome) == ("POST", "/api/v1/api-keys", 201, "success")
+    assert made.details is not None and made.details["auth_method"] == "api_key" and made.details["api_key_id"]
+    assert made.duration_ms is not None and made.duration_ms > 0
+    ada = api.run(api.identity.user_by_email, "ada@example.com")
+    assert made.user_id == ada.id, "attributed to the key's user"
+    assert requests["req-2"].status_code == missing.status_code == 404
+    assert requests["req-2"].user_id is None
+    assert "req-3" not in requests
+    assert created.status_code == 201
+
+
+def test_query_endpoint(admin_api: Api) -> None:
+    api = admin_api
+    admin = api.bearer("root@example.com")
+    for _ in range(3):
+        api.login(password="Wrong-Password-123!")
+    api.flush_audit()
+    response = api.client.get("/api/v1/audit-logs", params={"action": "login_failed", "limit": 2}, headers=admin)
+    assert response.status_code == 200
+    page = response.json()
+    assert set(page) == {"items", "next_cursor"}
+    assert len(page["items"]) == 2 and page["next_cursor"]
+    assert page["items"][0]["seq"] > page["items"][1]["seq"], "newest first"
+    item = page["items"][0]
+    assert {"id", "action", "user_id", "outcome", "resource_type", "resource_id", "correlation_id", "details",
+            "error_message", "ip_address", "user_agent", "method", "path", "status_code", "duration_ms",
+            "created_at"} <= set(item)  # fmt: skip
+    rest = api.client.get(
+        "/api/v1/audit-logs",
+        params={"action": "login_failed", "limit": 2, "cursor": page["next_cursor"]},
+        headers=admin,
+    ).json()
+    assert len(rest["items"]) == 1 and rest["next_cursor"] is None
+    both = api.client.get("/api/v1/audit-logs", params={"actions": "login,login_failed"}, headers=admin).json()
+    assert {item["action"] for item in both["items"]} == {"login", "login_failed"}
+    assert api.client.get("/api/v1/audit-logs", params={"limit": 1001}, headers=admin).status_code == 422
+    assert api.client.get("/api/v1/audit-logs", params={"limit": 1000}, headers=admin).status_code == 200
+    bad_cursor = api.client.get("/api/v1/audit-logs", params={"cursor": "not-a-cursor"}, headers=admin)
+    assert (bad_cursor.status_code, bad_cursor.json()["error"]) == (400, "BadRequestError")
+    future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    assert api.client.get("/api/v1/audit-logs", params={"start_date": future}, headers=admin).json()["items"] == []
+    assert api.client.get("/api/v1/audit-logs", params={"outcome": "maybe"}, headers=admin).status_code == 422
+
+
+def test_query_needs_admin_and_offers_no_writes(admin_api: Api) -> None:
+    api = admin_api
+    user = api.bearer()
+    denied = api.client.get("/api/v1/audit-logs", headers=user)
+    assert (denied.status_code, denied.json()["error"]) == (403, "PermissionDeniedError")
+    assert api.client.get("/api/v1/audit-logs").status_code == 401
+    denial = [row for row in api.stored_audit() if row.action == "permission_denied"]
+    assert denial and denial[-1].details == {"needs": "admin", "auth_method": "session"}
+    admin = api.bearer("root@example.com")
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        assert api.client.request(method, "/api/v1/audit-logs", headers={**admin, **SAME_ORIGIN}).status_code == 405
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_export_streams_every_record(admin_api: Api, fmt: str) -> None:
+    api = admin_api
+    admin = api.bearer("root@example.com")
+    for _ in range(4):
+        api.login(password="Wrong-Password-123!")
+    api.flush_audit()
+    response = api.client.get(
+        "/api/v1/audit-logs/export", params={"format": fmt, "action": "login_failed"}, headers=admin
+    )
+    assert response.status_code == 200
+    assert response.headers["content-disposition"] == f'attachment; filename="audit-logs.{fmt}"'
+    if fmt == "jsonl":
+        records = [json.loads(line) for line in response.text.splitlines()]
+    else:
+        records = list(csv.DictReader(io.StringIO(response.text)))
+    assert len(records) == 4
+    assert [int(r["seq"]) for r in records] == sorted(int(r["seq"]) for r in records), "oldest first"
+    assert all(r["action"] == "login_failed" and r["hash"] for r in records)
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+
+def thallus(database_url: str, data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THALLUS_")}
+    env.update(THALLUS_DATABASE_URL=database_url, THALLUS_DATA_DIR=str(data_dir))
+    return subprocess.run([THALLUS, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_cli_verify_export_prune(database_url: str, tmp_path: Path) -> None:
+    async def seed() -> None:
+        database, store = await with_store(database_url)
+        old = datetime.now(UTC) - timedelta(days=400)
+        await store.append([prepare(event("login", created_at=old + timedelta(seconds=i))) for i in range(6)])
+        await store.append([prepare(event("logout")) for _ in range(3)])
+        await database.dispose()
+
+    run(seed())
+    verified = thallus(database_url, tmp_path, "audit", "verify")
+    assert (verified.returncode, verified.stdout.strip()) == (0, "audit chain intact: 9 records")
+    exported = thallus(database_url, tmp_path, "audit", "export", "--action", "logout")
+    assert exported.returncode == 0
+    assert [json.loads(line)["action"] for line in exported.stdout.splitlines()] == ["logout"] * 3
+    target = tmp_path / "all.csv"
+    assert (
+        thallus(database_url, tmp_path, "audit", "export", "--format", "csv", "--output", str(target)).returncode == 0
+    )
+    assert len(target.read_text().splitlines()) == 10
+    pruned = thallus(database_url, tmp_path, "audit", "prune", "--older-than", "365")
+    assert pruned.returncode == 0 and pruned.stdout.startswith("pruned 6 audit records")
+    assert thallus(database_url, tmp_path, "audit", "verify").stdout.strip() == "audit chain intact: 3 records"
+
+    async def tamper() -> None:
+        database = Database(database_url)
+        async with database.session() as db:
+            await db.execute(update(AuditLog).where(AuditLog.seq == 8).values(outcome="denied"))
+            await db.commit()
+        await database.dispose()
+
+    run(tamper())
+    broken = thallus(database_url, tmp_path, "audit", "verify")
+    assert broken.returncode == 1
+    assert broken.stdout.startswith("audit chain broken at seq 8 (id ")
+    assert "its content does not match its hash" in broken.stdout
+
+
+def test_cli_actions_are_audited(database_url: str, tmp_path: Path) -> None:
+    created = thallus(database_url, tmp_path, "users", "create", "--email", "ada@example.com", "--password", PASSWORD)
+    assert created.returncode == 0, created.stderr
+    key = thallus(database_url, tmp_path, "keys", "create", "--email", "ada@example.com", "--name", "ops")
+    assert key.returncode == 0
+    exported = thallus(database_url, tmp_path, "audit", "export", "--action", "api_key_create")
+    [record] = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert record["user_agent"] == "thallus-cli"
+    assert key.stdout.strip() not in exported.stdout
