@@ -129,7 +129,7 @@ def test_database_outage_mid_load(empty_postgres: URL, tmp_path: Path) -> None:
             statuses = asyncio.run(load(server.url, cut_and_restore))
             assert phases == ["cut", "restored"]
             assert all(status == 204 for status in statuses.values()), Counter(statuses.values())
-            records = wait_for_records(direct, REQUESTS)
+            wait_for_records(direct, REQUESTS)
             output = server.output()  # stops it: SIGTERM, lifespan flush
     assert '"audit store unreachable' in output or "journalling" in output, "the outage really hit the writer"
     records = request_records(direct)
@@ -157,7 +157,7 @@ def test_sigterm_mid_load_then_restart(empty_postgres: URL, tmp_path: Path) -> N
     answered = sum(status is not None for status in statuses.values())
     assert REQUESTS // 3 <= answered < REQUESTS, "the stop really happened mid-load"
     with running_server(env):  # a restart replays whatever the stop left in a journal
-        records = wait_for_records(url, answered)
+        wait_for_records(url, answered)
     assert_one_record_per_request(request_records(url), statuses)
     result = verify(url, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
