@@ -95,6 +95,14 @@ def effective_policy(settings: Settings) -> dict[str, Any]:
             "lockout_threshold": settings.lockout_threshold,
             "lockout_steps": list(settings.lockout_steps),
         },
+        "audit": {
+            "persistent": settings.audit_enabled,
+            "database": _safe_url(settings.effective_database_url),
+            "journal": str(settings.effective_audit_journal_dir),
+            "queue_size": settings.audit_queue_size,
+            "batch_size": settings.audit_batch_size,
+            "write_timeout": settings.audit_write_timeout,
+        },
     }
 
 
@@ -140,6 +148,13 @@ def _print_policy(policy: dict[str, Any]) -> None:
         f"  Login lockout: after {limits['lockout_threshold']} failures, for "
         + ", ".join(f"{step} s" for step in limits["lockout_steps"])
         + " (the last repeating)",
+    ]
+    audit = policy["audit"]
+    lines += [
+        "",
+        f"Audit log: {'persistent, hash-chained' if audit['persistent'] else 'log lines only'} ({audit['database']})",
+        f"  Spill journal: {audit['journal']}; queue {audit['queue_size']}, batches of {audit['batch_size']}, "
+        f"spill after {audit['write_timeout']} s",
     ]
     print("\n".join(lines))
 
