@@ -6,7 +6,7 @@ Thallus depends on no framework: these aliases follow the ASGI 3.0 specification
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -35,11 +35,14 @@ def scope_state(scope: Scope) -> dict[str, Any]:
     return state
 
 
-def request_header_values(scope: Scope, name: bytes) -> list[bytes]:
-    """Every value of the request header ``name`` (lower-case), in order."""
-    return [value for key, value in scope["headers"] if key.lower() == name]
-
-
-def without_headers(headers: Iterable[tuple[bytes, bytes]], names: frozenset[bytes]) -> RawHeaders:
-    """``headers`` minus every header whose lower-cased name is in ``names``."""
-    return [(key, value) for key, value in headers if key.lower() not in names]
+def collect_headers(scope: Scope, names: frozenset[bytes]) -> dict[bytes, list[str]]:
+    """The request headers named in ``names`` (lower-case), each with all its values in order,
+    decoded as Latin-1 (lossless: every byte maps to one character). One pass over the headers;
+    names are compared case-insensitively, since ASGI only says servers *should* lower-case them.
+    """
+    found: dict[bytes, list[str]] = {}
+    for name, value in scope["headers"]:
+        key = name.lower()
+        if key in names:
+            found.setdefault(key, []).append(value.decode("latin-1"))
+    return found

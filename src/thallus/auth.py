@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from thallus._asgi import ASGIApp, Receive, Scope, Send, scope_state
+from thallus._asgi import ASGIApp, Receive, Scope, Send, collect_headers, scope_state
 from thallus.csrf import mark_api_key_authenticated
 from thallus.errors import AuthenticationError, BadRequestError, ThallusError, send_thallus_error
 from thallus.identity.principal import PRINCIPAL_STATE_KEY
@@ -29,6 +29,7 @@ logger = logging.getLogger("thallus.auth")
 API_KEY_HEADER = b"x-api-key"
 AUTHORIZATION_HEADER = b"authorization"
 WWW_AUTHENTICATE = (b"www-authenticate", b'Bearer realm="thallus"')
+_CREDENTIAL_HEADERS = frozenset({API_KEY_HEADER, AUTHORIZATION_HEADER})
 
 
 class AuthenticationMiddleware:
@@ -42,14 +43,8 @@ class AuthenticationMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        api_keys: list[bytes] = []
-        authorizations: list[bytes] = []
-        for name, value in scope["headers"]:
-            key = name.lower()
-            if key == API_KEY_HEADER:
-                api_keys.append(value)
-            elif key == AUTHORIZATION_HEADER:
-                authorizations.append(value)
+        headers = collect_headers(scope, _CREDENTIAL_HEADERS)
+        api_keys, authorizations = headers.get(API_KEY_HEADER, []), headers.get(AUTHORIZATION_HEADER, [])
         if not api_keys and not authorizations:
             await self.app(scope, receive, send)
             return
@@ -67,17 +62,17 @@ class AuthenticationMiddleware:
         await self.app(scope, receive, send)
 
     @staticmethod
-    def _require_one_credential(api_keys: list[bytes], authorizations: list[bytes]) -> None:
+    def _require_one_credential(api_keys: list[str], authorizations: list[str]) -> None:
         if (api_keys and authorizations) or len(api_keys) > 1 or len(authorizations) > 1:
             raise BadRequestError("Send exactly one credential: an X-API-Key or an Authorization header.")
 
-    async def _resolve(self, scope: Scope, api_keys: list[bytes], authorizations: list[bytes]) -> None:
+    async def _resolve(self, scope: Scope, api_keys: list[str], authorizations: list[str]) -> None:
         if api_keys:
-            raw = api_keys[0].decode("latin-1").strip()
+            raw = api_keys[0].strip()
             principal = await self.identity.principal_from_api_key(raw)
             mark_api_key_authenticated(scope)
         else:
-            scheme, _, token = authorizations[0].decode("latin-1").strip().partition(" ")
+            scheme, _, token = authorizations[0].strip().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise AuthenticationError("Use Authorization: Bearer <access token>.", headers=[WWW_AUTHENTICATE])
             try:

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from thallus._asgi import ASGIApp, Receive, Scope, Send, scope_state
+from thallus._asgi import ASGIApp, Receive, Scope, Send, collect_headers, scope_state
 from thallus.audit import AuditEvent, AuditSink, request_fields
 from thallus.errors import JSON_CONTENT_TYPE, error_body, send_error
 from thallus.origins import origin_of_url, parse_origins, request_origin_key
@@ -143,7 +143,10 @@ def mark_api_key_authenticated(scope: Scope) -> None:
     scope_state(scope)[API_KEY_AUTHENTICATED_STATE_KEY] = True
 
 
-def _joined(values: list[str]) -> str | None:
+_EVIDENCE_HEADERS = frozenset({b"cookie", b"sec-fetch-site", b"origin", b"referer"})
+
+
+def _joined(values: list[str] | None) -> str | None:
     return None if not values else values[0] if len(values) == 1 else ", ".join(values)
 
 
@@ -196,28 +199,15 @@ class CSRFMiddleware:
             await _deny_websocket(scope, receive, send, error_body("CSRFError", message, details))
 
     def verdict(self, scope: Scope, method: str) -> CsrfVerdict:
-        cookies: list[str] = []
-        fetch_site: list[str] = []
-        origins: list[str] = []
-        referers: list[str] = []
-        for name, value in scope["headers"]:
-            key = name.lower()
-            if key == b"cookie":
-                cookies.append(value.decode("latin-1"))
-            elif key == b"sec-fetch-site":
-                fetch_site.append(value.decode("latin-1"))
-            elif key == b"origin":
-                origins.append(value.decode("latin-1"))
-            elif key == b"referer":
-                referers.append(value.decode("latin-1"))
+        headers = collect_headers(scope, _EVIDENCE_HEADERS)
         state = scope.get("state") or {}
         return csrf_verdict(
             method,
-            has_cookies=any(has_cookie(value) for value in cookies),
+            has_cookies=any(has_cookie(value) for value in headers.get(b"cookie", ())),
             api_key_authenticated=state.get(API_KEY_AUTHENTICATED_STATE_KEY) is True,
-            sec_fetch_site=_joined(fetch_site),
-            origin=_joined(origins),
-            referer=_joined(referers),
+            sec_fetch_site=_joined(headers.get(b"sec-fetch-site")),
+            origin=_joined(headers.get(b"origin")),
+            referer=_joined(headers.get(b"referer")),
             environment=self.environment,
             trusted_origins=self.trusted_origins,
         )

@@ -36,7 +36,7 @@ from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
-from thallus._asgi import ASGIApp, Message, Receive, Scope, Send, scope_state
+from thallus._asgi import ASGIApp, Message, Receive, Scope, Send, collect_headers, scope_state
 from thallus.audit import AuditEvent, AuditSink, request_fields
 from thallus.errors import send_error
 
@@ -99,6 +99,9 @@ def _forwarded_for(value: str) -> list[str] | None:
     return hops
 
 
+_FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"forwarded"})
+
+
 def _is_trusted(address: str, proxies: Sequence[IPNetwork]) -> bool:
     ip = ipaddress.ip_address(address)
     return any(ip in network for network in proxies)
@@ -115,14 +118,8 @@ def client_ip(scope: Scope, trusted_proxies: Sequence[IPNetwork] = ()) -> str:
             return peer
     except ValueError:  # a unix socket path or similar: no forwarding to trust
         return peer
-    forwarded_for: list[str] = []
-    forwarded: list[str] = []
-    for name, value in scope["headers"]:
-        key = name.lower()
-        if key == b"x-forwarded-for":
-            forwarded_for.append(value.decode("latin-1"))
-        elif key == b"forwarded":
-            forwarded.append(value.decode("latin-1"))
+    headers = collect_headers(scope, _FORWARDING_HEADERS)
+    forwarded_for, forwarded = headers.get(b"x-forwarded-for"), headers.get(b"forwarded")
     hops: list[str] | None = None
     if forwarded_for:
         hops = ", ".join(forwarded_for).split(",")
