@@ -45,7 +45,7 @@ def environment(database_url: str, data_dir: Path) -> dict[str, str]:
     }
 
 
-async def load(url: str, on_progress: Callable[[int], None]) -> dict[str, int | None]:
+async def load(url: str, on_progress: Callable[[int], None], prefix: str = "fault") -> dict[str, int | None]:
     """POST a state-changing request REQUESTS times; each one's status, or None when it got no answer."""
     statuses: dict[str, int | None] = {}
     done = 0
@@ -54,7 +54,7 @@ async def load(url: str, on_progress: Callable[[int], None]) -> dict[str, int | 
 
         async def one(number: int) -> None:
             nonlocal done
-            correlation_id = f"fault-{number:05d}"
+            correlation_id = f"{prefix}-{number:05d}"
             async with semaphore:
                 try:
                     response = await client.post("/api/v1/auth/logout", headers={"X-Correlation-ID": correlation_id})
@@ -159,5 +159,26 @@ def test_sigterm_mid_load_then_restart(empty_postgres: URL, tmp_path: Path) -> N
     with running_server(env):  # a restart replays whatever the stop left in a journal
         wait_for_records(url, answered)
     assert_one_record_per_request(request_records(url), statuses)
+    result = verify(url, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_two_instances_write_one_chain(empty_postgres: URL, tmp_path: Path) -> None:
+    """Two servers append to one PostgreSQL chain at once: one sequence, every link intact."""
+    url = empty_postgres.render_as_string(hide_password=False)
+    with (
+        running_server(environment(url, tmp_path / "a")) as first,
+        running_server(environment(url, tmp_path / "b")) as second,
+    ):
+
+        async def both() -> tuple[dict[str, int | None], dict[str, int | None]]:
+            return await asyncio.gather(load(first.url, lambda done: None), load(second.url, lambda done: None, "twin"))
+
+        left, right = asyncio.run(both())
+        expected = {**left, **right}
+        assert len(expected) == 2 * REQUESTS and all(status == 204 for status in expected.values())
+        records = wait_for_records(url, 2 * REQUESTS)
+    assert [record.seq for record in records] == list(range(records[0].seq, records[0].seq + len(records)))
+    assert_one_record_per_request(records, expected)
     result = verify(url, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
