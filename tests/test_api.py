@@ -301,6 +301,14 @@ def test_logout_ends_the_session(api: Api) -> None:
     assert again.status_code == 204, "idempotent"
 
 
+def test_logout_without_a_credential_clears_nothing(api: Api) -> None:
+    """A cross-site form carries no cookie (SameSite): answering it with a clearing Set-Cookie would
+    let any site sign the user out."""
+    response = api.client.post("/api/v1/auth/logout", headers={"Cookie": ""})
+    assert response.status_code == 204
+    assert "set-cookie" not in response.headers
+
+
 def test_logout_with_bearer_only(api: Api) -> None:
     api.create_user()
     headers = api.bearer()

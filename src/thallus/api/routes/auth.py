@@ -127,11 +127,15 @@ async def refresh(request: Request, response: Response, service: IdentityDep, cl
 
 @router.post("/logout", status_code=204, summary="End the session of the refresh cookie or access token")
 async def logout(request: Request, service: IdentityDep, client: ClientDep) -> Response:
+    """Idempotent. The cookie is cleared only when the request presented one: a credential-less
+    request (a cross-site form, whose cookie SameSite held back) must not sign anyone out."""
     principal = getattr(request.state, "principal", None)
     session_id = principal.session_id if principal is not None else None
-    await service.logout(raw_refresh=request.cookies.get(REFRESH_COOKIE), session_id=session_id, client=client)
+    raw_refresh = request.cookies.get(REFRESH_COOKIE)
+    await service.logout(raw_refresh=raw_refresh, session_id=session_id, client=client)
     response = Response(status_code=204)
-    _clear_refresh_cookie(response, service)
+    if raw_refresh is not None:
+        _clear_refresh_cookie(response, service)
     return response
 
 
