@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, insert, select, update
+from sqlalchemy import Select, bindparam, delete, func, insert, select, update
 
 from thallus.audit.chain import FIELDS, link_hash
 from thallus.storage import Database
@@ -24,6 +24,12 @@ VERIFY_CHUNK = 5000
 #: Taking the chain head: a row lock on PostgreSQL, the database write lock on SQLite.
 _HEAD = AuditChainHead.id == 1
 _READ_HEAD = select(AuditChainHead.seq, AuditChainHead.hash).where(_HEAD)
+_LOCK_HEAD = (
+    update(AuditChainHead)
+    .where(_HEAD)
+    .values(updated_at=bindparam("now"))
+    .returning(AuditChainHead.seq, AuditChainHead.hash)
+)
 
 
 @dataclass(frozen=True)
@@ -88,15 +94,23 @@ class AuditStore:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    async def append(self, records: Sequence[Mapping[str, Any]]) -> int:
-        """Store records at the end of the chain, in order; returns how many were new."""
+    async def append(self, records: Sequence[Mapping[str, Any]], *, replay: bool = True) -> int:
+        """Store records at the end of the chain, in order; returns how many were new.
+
+        With ``replay`` (the default), records whose id is already stored are skipped — a journal
+        replayed after a write whose acknowledgement was lost. A first attempt at fresh records
+        (``replay=False``) saves that lookup.
+        """
         if not records:
             return 0
-        async with self.database.session() as db:
-            await db.execute(update(AuditChainHead).where(_HEAD).values(updated_at=utcnow()))
-            head = (await db.execute(_READ_HEAD)).one()
-            ids = [str(record["id"]) for record in records]
-            stored = set((await db.scalars(select(AuditLog.id).where(AuditLog.id.in_(ids)))).all())
+        # Core statements on one connection: three round trips (lock-and-read the head, insert,
+        # move the head) and no ORM — this runs on the request loop, so its CPU is everyone's latency.
+        async with self.database.engine.begin() as connection:
+            head = (await connection.execute(_LOCK_HEAD, {"now": utcnow()})).one()
+            stored: set[str] = set()
+            if replay:
+                ids = [str(record["id"]) for record in records]
+                stored = set((await connection.scalars(select(AuditLog.id).where(AuditLog.id.in_(ids)))).all())
             seq, previous = int(head.seq), str(head.hash)
             rows = []
             for record in records:
@@ -109,11 +123,10 @@ class AuditStore:
                 rows.append({**row, "seq": seq, "prev_hash": previous, "hash": digest})
                 previous = digest
             if rows:
-                await db.execute(insert(AuditLog), rows)
-                await db.execute(
+                await connection.execute(insert(AuditLog), rows)
+                await connection.execute(
                     update(AuditChainHead).where(_HEAD).values(seq=seq, hash=previous, updated_at=utcnow())
                 )
-            await db.commit()
             return len(rows)
 
     async def query(self, filters: AuditFilter, *, limit: int, before_seq: int | None = None) -> list[AuditLog]:

@@ -88,6 +88,7 @@ class AuditWriter:
         batch_size: int = 500,
         write_timeout: float = 5.0,
         retry_interval: float = 1.0,
+        linger: float = 0.02,
     ) -> None:
         self.store = store
         self.journal_dir = journal_dir
@@ -95,6 +96,7 @@ class AuditWriter:
         self.batch_size = batch_size
         self.write_timeout = write_timeout
         self.retry_interval = retry_interval
+        self.linger = linger
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(queue_size)
         self._journal_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -189,12 +191,20 @@ class AuditWriter:
         except TimeoutError:
             return []
         batch = [first]
+        self._take_queued(batch)
+        if len(batch) < self.batch_size and not self._stopping:
+            # Linger a moment so that, at moderate load, one transaction carries many records
+            # instead of one (measured: ~2-3 ms of CPU per append, whatever its size).
+            await asyncio.sleep(self.linger)
+            self._take_queued(batch)
+        return [record for record in batch if record is not _WAKE_UP]
+
+    def _take_queued(self, batch: list[dict[str, Any]]) -> None:
         while len(batch) < self.batch_size:
             try:
                 batch.append(self._queue.get_nowait())
             except asyncio.QueueEmpty:
-                break
-        return [record for record in batch if record is not _WAKE_UP]
+                return
 
     def _drain(self) -> list[dict[str, Any]]:
         rest: list[dict[str, Any]] = []
@@ -213,15 +223,15 @@ class AuditWriter:
                 return
         elif self._orphans_waiting():  # best effort; other processes' leftovers do not gate new records
             await self._retry_journals(force=True)
-        if await self._store(batch):
+        if await self._store(batch, replay=False):
             self.stats["written"] += len(batch)
         else:
             await self._spill(batch)
 
-    async def _store(self, records: Sequence[Mapping[str, Any]]) -> bool:
+    async def _store(self, records: Sequence[Mapping[str, Any]], *, replay: bool = True) -> bool:
         """Append to the store within the timeout; ``False`` when the database is away or slow."""
         try:
-            await asyncio.wait_for(self.store.append(records), self.write_timeout)
+            await asyncio.wait_for(self.store.append(records, replay=replay), self.write_timeout)
         except TimeoutError:
             self._log_error(f"audit store slower than {self.write_timeout} s; journalling")
             return False

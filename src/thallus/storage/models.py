@@ -137,6 +137,8 @@ class AuditLog(Base):
         Index("ix_audit_logs_outcome_seq", "outcome", "seq"),
         Index("ix_audit_logs_correlation_id", "correlation_id"),
         Index("ix_audit_logs_resource_seq", "resource_type", "resource_id", "seq"),
+        Index("ix_audit_logs_action_created_at", "action", "created_at"),
+        Index("ix_audit_logs_outcome_created_at", "outcome", "created_at"),
     )
 
     seq: Mapped[int] = mapped_column(
