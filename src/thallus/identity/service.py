@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -190,12 +191,15 @@ class Identity:
             await self.database.dispose()
 
     async def _flush_periodically(self) -> None:
-        while True:
+        """Every minute: API-key last-used times; every hour: the database's planner statistics."""
+        for minute in itertools.count(1):
             await asyncio.sleep(LAST_USED_FLUSH_SECONDS)
             try:
                 await self.flush_last_used()
+                if minute % 60 == 0:
+                    await self.database.analyze()
             except Exception:
-                logger.exception("could not write API-key last-used times; will retry")
+                logger.exception("periodic database upkeep failed; will retry")
 
     async def flush_last_used(self) -> None:
         pending = self.last_used.drain()

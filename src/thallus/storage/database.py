@@ -83,10 +83,24 @@ class Database:
                 if self.dialect == "postgresql":
                     await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
                 await connection.run_sync(_upgrade)
+            await self.analyze()
         except UNAVAILABLE as exc:
             if not is_unavailable(exc):
                 raise
             raise DatabaseUnavailableError(f"cannot migrate {self.url.render_as_string()}: {exc}") from exc
+
+    async def analyze(self) -> None:
+        """Refresh SQLite's planner statistics (approximate, so it takes milliseconds).
+
+        SQLite keeps no statistics by itself; without them it picks the wrong audit index for some
+        filters (measured at a million records: 274 ms instead of 3 ms). PostgreSQL's autovacuum
+        does this on its own.
+        """
+        if self.dialect != "sqlite":
+            return
+        async with self.engine.begin() as connection:
+            await connection.exec_driver_sql("PRAGMA analysis_limit=1000")
+            await connection.exec_driver_sql("ANALYZE")
 
     async def dispose(self) -> None:
         await self.engine.dispose()
