@@ -32,7 +32,6 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import resource
 import secrets
@@ -46,7 +45,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,8 +53,9 @@ import httpx
 from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.engine import URL, make_url
 
+from common import environment, progress
 from thallus.api.routes.audit_logs import export_lines
-from thallus.audit.chain import link_hash
+from thallus.audit.chain import FIELDS, link_hash
 from thallus.audit.store import AuditFilter, AuditStore
 from thallus.storage import Database
 from thallus.storage.models import GENESIS_HASH, AuditChainHead, AuditLog, utcnow
@@ -76,27 +75,7 @@ WARMUPS = 5
 SPAN = timedelta(days=90)
 USERS = 1000
 #: The columns in the order the PostgreSQL COPY sends them.
-COPY_COLUMNS = (
-    "seq",
-    "id",
-    "action",
-    "user_id",
-    "outcome",
-    "resource_type",
-    "resource_id",
-    "correlation_id",
-    "details",
-    "error_message",
-    "ip_address",
-    "user_agent",
-    "method",
-    "path",
-    "status_code",
-    "duration_ms",
-    "created_at",
-    "prev_hash",
-    "hash",
-)
+COPY_COLUMNS = ("seq", *FIELDS, "prev_hash", "hash")
 
 SERVER_SETTINGS = {
     "THALLUS_ENV": "test",
@@ -108,10 +87,6 @@ SERVER_SETTINGS = {
     "THALLUS_LOG_LEVEL": "WARNING",
 }
 LATENCY_PATH = "/api/v1/auth/logout"
-
-
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 # -- databases ---------------------------------------------------------------------------------
@@ -146,12 +121,12 @@ async def postgres_database(purpose: str) -> AsyncIterator[tuple[URL | None, str
         shown = server.render_as_string(hide_password=True)
         yield None, f"PostgreSQL at {shown} is not reachable ({type(exc).__name__}: {exc})"
         return
-    _progress(f"created PostgreSQL database {name}")
+    progress(f"created PostgreSQL database {name}")
     try:
         yield server.set(database=name), None
     finally:
         await _pg_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        _progress(f"dropped PostgreSQL database {name}")
+        progress(f"dropped PostgreSQL database {name}")
 
 
 @asynccontextmanager
@@ -533,7 +508,7 @@ async def seed(database: Database, url: str, data: AuditData, batch: int) -> See
 
 def _seed_progress(done: int, total: int, started: float) -> None:
     if done % 100_000 < 10_000 or done == total:
-        _progress(f"  seeded {done:>9,} / {total:,} rows ({time.perf_counter() - started:.0f} s)")
+        progress(f"  seeded {done:>9,} / {total:,} rows ({time.perf_counter() - started:.0f} s)")
 
 
 async def database_size_mb(database: Database, url: str) -> float | None:
@@ -738,7 +713,7 @@ async def run_queries(
         results.append(result)
         second = f"{result.page2_ms:8.2f}" if result.page2_ms is not None else "       -"
         slow = " SLOW" if max(result.page1_ms, result.page2_ms or 0) > slow_ms else ""
-        _progress(f"  {case.name:<46} {matching:>9,} rows  {result.page1_ms:8.2f} ms  {second} ms{slow}")
+        progress(f"  {case.name:<46} {matching:>9,} rows  {result.page1_ms:8.2f} ms  {second} ms{slow}")
     return results
 
 
@@ -832,9 +807,9 @@ async def database_part(backend: str, options: argparse.Namespace, anchor: datet
     parts = {"queries", "export"} if options.part == "all" else {options.part}
     async with backend_database(backend, "data") as (url, reason):
         if url is None:
-            _progress(f"{backend}: skipped: {reason}")
+            progress(f"{backend}: skipped: {reason}")
             return {"available": False, "reason": reason}
-        _progress(f"{backend}: migrating and seeding {options.rows:,} rows")
+        progress(f"{backend}: migrating and seeding {options.rows:,} rows")
         database = Database(url)
         try:
             await database.migrate()
@@ -847,7 +822,7 @@ async def database_part(backend: str, options: argparse.Namespace, anchor: datet
             elif backend == "sqlite":
                 seeding.method += "; no ANALYZE (Thallus runs none: the planner has no statistics)"
             seeding.database_mb = await database_size_mb(database, url)
-            _progress(
+            progress(
                 f"{backend}: seeded in {seeding.seconds:.1f} s (records and hashes {seeding.build_seconds:.1f} s, "
                 f"insert {seeding.insert_seconds:.1f} s)"
             )
@@ -860,12 +835,12 @@ async def database_part(backend: str, options: argparse.Namespace, anchor: datet
                     "correlation_id": targets.correlation_id,
                     "session_id": targets.session_id,
                 }
-                _progress(f"{backend}: timing queries (median of {options.repeat})")
+                progress(f"{backend}: timing queries (median of {options.repeat})")
                 results = await run_queries(database, store, query_cases(targets), options.repeat, options.slow_ms)
                 document["queries"] = [asdict(result) for result in results]
                 runs, count = await _timed(store.count, options.repeat)
                 document["count"] = {"rows": count, "ms": statistics.median(runs), "runs_ms": runs}
-                _progress(f"{backend}: verify() over {count:,} records")
+                progress(f"{backend}: verify() over {count:,} records")
                 started = time.perf_counter()
                 verification = await store.verify()
                 document["verify"] = asdict(
@@ -873,11 +848,11 @@ async def database_part(backend: str, options: argparse.Namespace, anchor: datet
                         verification.ok, verification.checked, time.perf_counter() - started, verification.reason
                     )
                 )
-                _progress(f"{backend}: verify: {document['verify']}")
+                progress(f"{backend}: verify: {document['verify']}")
             if "export" in parts:
                 document["export"] = []
                 for fmt in ("jsonl", "csv"):
-                    _progress(f"{backend}: exporting {fmt}")
+                    progress(f"{backend}: exporting {fmt}")
                     exported = await run_export(store, fmt, options.rows)
                     document["export"].append(
                         asdict(exported)
@@ -1100,7 +1075,7 @@ async def latency_part(backend: str, options: argparse.Namespace) -> dict[str, A
 
     async with backend_database(backend, "latency") as (url, reason):
         if url is None:
-            _progress(f"{backend}: latency skipped: {reason}")
+            progress(f"{backend}: latency skipped: {reason}")
             return {"available": False, "reason": reason}
         with ExitStack() as stack:
             servers = {}
@@ -1115,7 +1090,7 @@ async def latency_part(backend: str, options: argparse.Namespace) -> dict[str, A
                 if backend == "postgresql":
                     environment["THALLUS_DATABASE_URL"] = url  # both servers share it; only one writes
                 servers[audit] = stack.enter_context(running_server(environment))
-            _progress(
+            progress(
                 f"{backend}: servers up (audit off: {servers[False].url}, on: {servers[True].url}); "
                 f"{options.rounds} rounds of {options.seconds} s each, {options.client} client, "
                 + (f"open loop at {options.rate:g} req/s" if options.rate else f"{options.concurrency} workers")
@@ -1136,7 +1111,7 @@ async def latency_part(backend: str, options: argparse.Namespace) -> dict[str, A
                     run.audit, run.repetition = audit, round_number
                     runs.append(run)
                     ordered = sorted(run.latencies_ms)
-                    _progress(
+                    progress(
                         f"  round {round_number} audit {'on ' if audit else 'off'}: {run.requests / run.seconds:7.0f} "
                         f"req/s  p50 {percentile(ordered, 0.5):6.2f}  p99 {percentile(ordered, 0.99):6.2f} ms  "
                         f"statuses {run.statuses}  errors {run.errors}"
@@ -1207,23 +1182,6 @@ def _summary(runs: Sequence[LoadRun]) -> dict[str, Any]:
 
 
 # -- reporting ---------------------------------------------------------------------------------
-
-
-def environment() -> dict[str, Any]:
-    versions: dict[str, str | None] = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "packages": versions,
-    }
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
@@ -1520,7 +1478,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 async def run(options: argparse.Namespace) -> dict[str, Any]:
     document: dict[str, Any] = {
         "benchmark": "thallus bench_audit",
-        "environment": environment(),
+        "environment": environment(PACKAGES),
         "options": {
             "part": options.part,
             "backends": options.backends,

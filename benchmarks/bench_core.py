@@ -26,14 +26,11 @@ import io
 import json
 import logging
 import os
-import platform
 import pstats
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, cast
 
 from asgi_correlation_id import CorrelationIdMiddleware as PeerCorrelationIdMiddleware
@@ -63,6 +60,7 @@ from starlette_csrf.middleware import CSRFMiddleware as StarletteCSRFMiddleware
 
 # src/thallus has no py.typed marker: checked on its own, this file sees thallus as untyped (the
 # project-wide `mypy` run reads it from src/ and needs no ignore, hence `unused-ignore`).
+from common import environment, progress
 from thallus import HeaderPolicy, Settings, protect
 from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS
 
@@ -386,7 +384,7 @@ async def measure(
     await _timed_run(_null_app, requests[scenarios[0].name], warmup)
     order = list(stacks)
     for repetition in range(repeat):
-        _progress(f"repetition {repetition + 1}/{repeat}")
+        progress(f"repetition {repetition + 1}/{repeat}")
         for scenario in scenarios:
             # rotate the order each repetition so no stack always runs first (or last)
             for stack_name in order[repetition % len(order) :] + order[: repetition % len(order)]:
@@ -418,27 +416,6 @@ async def profile(app: ASGIApp, scenario: Scenario, seconds: float, top: int) ->
 # -- reporting ---------------------------------------------------------------------------------
 
 
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def environment() -> dict[str, Any]:
-    versions: dict[str, str | None] = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "packages": versions,
-    }
-
-
 def results_document(
     cells: dict[str, dict[str, Cell]], floor: Cell, scenarios: Sequence[Scenario], options: argparse.Namespace
 ) -> dict[str, Any]:
@@ -461,7 +438,7 @@ def results_document(
         rows.append(row)
     return {
         "benchmark": "thallus bench_core",
-        "environment": environment(),
+        "environment": environment(PACKAGES),
         "options": {
             "seconds": options.seconds,
             "warmup": options.warmup,
@@ -591,7 +568,7 @@ async def run(options: argparse.Namespace) -> None:
             print(await profile(stacks[options.profile], scenario, options.seconds, options.top))
         return
     total = len(scenarios) * len(stacks) * (options.warmup + options.repeat * options.seconds)
-    _progress(f"measuring {len(stacks)} stacks x {len(scenarios)} scenarios, about {total:.0f} s")
+    progress(f"measuring {len(stacks)} stacks x {len(scenarios)} scenarios, about {total:.0f} s")
     cells, floor = await measure(
         stacks, scenarios, seconds=options.seconds, warmup=options.warmup, repeat=options.repeat
     )

@@ -36,14 +36,11 @@ import json
 import logging
 import math
 import os
-import platform
 import secrets
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -57,6 +54,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Scope
 
+from common import environment, progress
 from thallus import Settings, protect
 from thallus.ratelimit import RateLimitMiddleware, create_storage, parse_limit
 
@@ -388,7 +386,7 @@ async def measure(
         await timed_run(requests[stack.name].call(stack.app), warmup, storage=stack.storage)
     order = list(stacks)
     for repetition in range(repeat):
-        _progress(f"stacks: repetition {repetition + 1}/{repeat}")
+        progress(f"stacks: repetition {repetition + 1}/{repeat}")
         # rotate the order each repetition so no stack always runs first (or last)
         shift = repetition % len(order)
         for stack in order[shift:] + order[:shift]:
@@ -505,7 +503,7 @@ async def measure_operations(
     for op in operations:
         await timed_run(op.call, warmup, storage=op.settle_storage, yield_to_loop=op.yield_to_loop, batch=op.batch)
     for repetition in range(repeat):
-        _progress(f"storage calls: repetition {repetition + 1}/{repeat}")
+        progress(f"storage calls: repetition {repetition + 1}/{repeat}")
         for op in operations:
             gc.collect()
             per_call = await timed_run(
@@ -516,28 +514,6 @@ async def measure_operations(
 
 
 # -- reporting ---------------------------------------------------------------------------------
-
-
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def environment(redis: RedisTarget) -> dict[str, Any]:
-    versions: dict[str, str | None] = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "packages": versions,
-        "redis_server": redis.version,
-    }
 
 
 def results_document(
@@ -596,7 +572,7 @@ def results_document(
     limited = [stack.name for stack in stacks if stack.limited]
     return {
         "benchmark": "thallus bench_ratelimit",
-        "environment": environment(redis),
+        "environment": {**environment(PACKAGES), "redis_server": redis.version},
         "options": {
             "seconds": options.seconds,
             "warmup": options.warmup,
@@ -756,7 +732,7 @@ def isolate_environment(names: Iterable[str]) -> None:
 async def run(options: argparse.Namespace, redis_url: str, limiter_log: LimiterLog) -> None:
     redis = await connect_redis(redis_url, skip=options.no_redis)
     if redis.skipped:
-        _progress(f"Redis rows skipped: {redis.skipped}")
+        progress(f"Redis rows skipped: {redis.skipped}")
     try:
         addresses = client_addresses(options.ips)
         stacks = build_stacks(options.limit, redis)
@@ -770,7 +746,7 @@ async def run(options: argparse.Namespace, redis_url: str, limiter_log: LimiterL
         total = len(stacks) * (options.warmup + options.repeat * options.seconds) + len(operations) * (
             options.warmup / 2 + options.repeat * op_seconds
         )
-        _progress(f"measuring {len(stacks)} stacks and {len(operations)} storage calls, about {total:.0f} s")
+        progress(f"measuring {len(stacks)} stacks and {len(operations)} storage calls, about {total:.0f} s")
         cells = await measure(stacks, requests, seconds=options.seconds, warmup=options.warmup, repeat=options.repeat)
         op_cells = await measure_operations(
             operations, seconds=op_seconds, warmup=options.warmup / 2, repeat=options.repeat
@@ -779,7 +755,7 @@ async def run(options: argparse.Namespace, redis_url: str, limiter_log: LimiterL
         try:
             await delete_keys(redis)
         except Exception as exc:  # report, but do not hide the run's own outcome
-            _progress(f"could not delete the keys under {redis.prefix}*: {type(exc).__name__}: {exc}")
+            progress(f"could not delete the keys under {redis.prefix}*: {type(exc).__name__}: {exc}")
     problems = [f"{name}: {r.unexpected} responses were not 200" for name, r in requests.items() if r.unexpected]
     problems += [f"storage calls: {c.refused} hits refused" for c in calls if c.refused]
     problems += [f"thallus.ratelimit logged: {message}" for message in dict.fromkeys(limiter_log.messages)]
