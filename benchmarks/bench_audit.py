@@ -53,7 +53,7 @@ import httpx
 from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.engine import URL, make_url
 
-from common import environment, progress
+from common import describe, environment, progress
 from thallus.api.routes.audit_logs import export_lines
 from thallus.audit.chain import FIELDS, link_hash
 from thallus.audit.store import AuditFilter, AuditStore
@@ -1206,10 +1206,8 @@ def _ms(value: float | None) -> str:
 def render(document: dict[str, Any]) -> str:
     env = document["environment"]
     options = document["options"]
-    packages = ", ".join(f"{name} {version or '(not installed)'}" for name, version in env["packages"].items())
     lines = [
-        f"Python {env['python']} ({env['implementation']}) on {env['platform']}, {env['cpus']} CPUs",
-        f"packages: {packages}",
+        *describe(env),
         f"part: {options['part']}; {options['rows']:,} rows; PostgreSQL server: {document['postgres_server']}",
     ]
     data = document.get("databases", {})

@@ -60,7 +60,7 @@ from starlette_csrf.middleware import CSRFMiddleware as StarletteCSRFMiddleware
 
 # src/thallus has no py.typed marker: checked on its own, this file sees thallus as untyped (the
 # project-wide `mypy` run reads it from src/ and needs no ignore, hence `unused-ignore`).
-from common import environment, progress
+from common import describe, environment, progress
 from thallus import HeaderPolicy, Settings, protect
 from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS
 
@@ -454,10 +454,8 @@ def results_document(
 def render_table(document: dict[str, Any]) -> str:
     env = document["environment"]
     options = document["options"]
-    packages = ", ".join(f"{name} {version or '(not installed)'}" for name, version in env["packages"].items())
     lines = [
-        f"Python {env['python']} ({env['implementation']}) on {env['platform']}, {env['cpus']} CPUs",
-        f"packages: {packages}",
+        *describe(env),
         f"{options['repeat']} repetitions x {options['seconds']} s per stack and scenario "
         f"(warm-up {options['warmup']} s); median µs per request; in-process ASGI calls, one event loop; "
         f"thallus access log {'ON' if options['access_log'] else 'off (logger below INFO)'}",

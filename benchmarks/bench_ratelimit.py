@@ -54,7 +54,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Scope
 
-from common import environment, progress
+from common import describe, environment, progress
 from thallus import Settings, protect
 from thallus.ratelimit import RateLimitMiddleware, create_storage, parse_limit
 
@@ -619,11 +619,9 @@ def render_table(document: dict[str, Any]) -> str:
     env = document["environment"]
     options = document["options"]
     redis = document["redis"]
-    packages = ", ".join(f"{name} {version or '(not installed)'}" for name, version in env["packages"].items())
     server = f"Redis server {redis['server_version']} at {redis['url']}" if redis["server_version"] else "no Redis"
     lines = [
-        f"Python {env['python']} ({env['implementation']}) on {env['platform']}, {env['cpus']} CPUs",
-        f"packages: {packages}; {server}",
+        *describe(env, f"; {server}"),
         f"{options['repeat']} repetitions x {options['seconds']} s per stack (warm-up {options['warmup']} s); "
         f"median µs per request; in-process ASGI calls, one event loop, one loop pass after each request",
         f"GET /items from {options['ips']} rotating client IPs, limit {options['limit']} "

@@ -30,3 +30,12 @@ def environment(packages: Sequence[str]) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "packages": versions,
     }
+
+
+def describe(env: dict[str, Any], extra: str = "") -> list[str]:
+    """The two header lines of every report: interpreter and machine, then package versions."""
+    packages = ", ".join(f"{name} {version or '(not installed)'}" for name, version in env["packages"].items())
+    return [
+        f"Python {env['python']} ({env['implementation']}) on {env['platform']}, {env['cpus']} CPUs",
+        f"packages: {packages}{extra}",
+    ]
