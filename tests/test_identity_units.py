@@ -631,19 +631,6 @@ def test_forget_key_drops_only_that_key() -> None:
     cache.forget_key("no-such-key")
 
 
-def test_forget_user_drops_every_key_of_the_user() -> None:
-    cache = KeyCache(ttl_seconds=5)
-    cache.put("h1", record("key-1", "user-1"))
-    cache.put("h2", record("key-2", "user-1"))
-    cache.put("h3", record("key-3", "user-2"))
-    cache.put("unknown", None)
-    cache.forget_user("user-1")
-    assert cache.get("h1") == (False, None)
-    assert cache.get("h2") == (False, None)
-    assert cache.get("h3") == (True, record("key-3", "user-2"))
-    assert cache.get("unknown") == (True, None)
-
-
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 

@@ -76,10 +76,6 @@ class KeyCache:
         for key_hash in [h for h, (_, record) in self._entries.items() if record and record.key_id == key_id]:
             del self._entries[key_hash]
 
-    def forget_user(self, user_id: str) -> None:
-        for key_hash in [h for h, (_, record) in self._entries.items() if record and record.user_id == user_id]:
-            del self._entries[key_hash]
-
 
 class LastUsedBuffer:
     """Newest use per key, written to the database in one batch every flush."""
