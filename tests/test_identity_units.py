@@ -634,6 +634,13 @@ def test_forget_key_drops_only_that_key() -> None:
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 
+def test_last_used_buffer_keeps_the_newest_touch() -> None:
+    buffer = LastUsedBuffer()
+    buffer.touch("k", T0 + timedelta(seconds=5))
+    buffer.touch("k", T0)
+    assert buffer.get("k") == T0 + timedelta(seconds=5)
+
+
 def test_last_used_buffer_touch_get_drain() -> None:
     buffer = LastUsedBuffer()
     assert buffer.get("key-1") is None

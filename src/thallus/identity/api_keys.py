@@ -84,7 +84,9 @@ class LastUsedBuffer:
         self._pending: dict[str, datetime] = {}
 
     def touch(self, key_id: str, when: datetime) -> None:
-        self._pending[key_id] = when
+        current = self._pending.get(key_id)
+        if current is None or current < when:  # newest wins, even if the clock stepped back
+            self._pending[key_id] = when
 
     def get(self, key_id: str) -> datetime | None:
         return self._pending.get(key_id)
