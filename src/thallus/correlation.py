@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import time
+from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from thallus._asgi import RESPONSE_START_TYPES, ASGIApp, Message, Receive, Scope, Send, scope_state
+import uuid_utils
+
+from thallus._asgi import RESPONSE_START_TYPES, ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     import httpx
@@ -56,27 +58,17 @@ def is_valid_correlation_id(value: bytes | str) -> bool:
 
 # -- UUIDv7 ---------------------------------------------------------------------------------
 
-_uuid7_lock = threading.Lock()
-_uuid7_last = 0
+# uuid-utils draws its random bits from a user-space CSPRNG that a forked child would share with
+# its parent (uuid-utils #42): reseed it in every child, so no two processes mint the same IDs.
+os.register_at_fork(after_in_child=uuid_utils.reseed_rng)
 
 
 def uuid7() -> str:
-    """A UUIDv7 string: 48-bit Unix milliseconds, then 12 bits of sub-millisecond time (RFC 9562
-    §6.2 method 3) and 62 random bits. Strictly increasing within a process, so IDs minted in
-    the same tick still sort in creation order.
+    """A UUIDv7 string (RFC 9562 §5.7): 48-bit Unix milliseconds, then a counter seeded with
+    random bits each millisecond (§6.2 method 2) and 32 fresh random bits. Strictly increasing
+    within a process, so IDs minted in the same tick still sort in creation order.
     """
-    global _uuid7_last
-    nanoseconds = time.time_ns()
-    milliseconds, remainder = divmod(nanoseconds, 1_000_000)
-    timestamp = (milliseconds << 12) | (remainder * 4096 // 1_000_000)
-    random_bits = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
-    with _uuid7_lock:
-        if timestamp <= _uuid7_last:
-            timestamp = _uuid7_last + 1
-        _uuid7_last = timestamp
-    value = ((timestamp >> 12) << 80) | (0x7 << 76) | ((timestamp & 0xFFF) << 64) | (0b10 << 62) | random_bits
-    text = f"{value:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    return str(uuid_utils.uuid7())
 
 
 def escape_for_log(raw: bytes) -> str:
@@ -87,6 +79,62 @@ def escape_for_log(raw: bytes) -> str:
 
 
 # -- the layer ------------------------------------------------------------------------------
+
+
+def accept_or_mint(scope: Scope, client_values: Sequence[bytes]) -> tuple[str, tuple[bytes, bytes]]:
+    """The request's correlation ID and its response header, from the client's
+    ``X-Correlation-ID`` values (every one the request carried, in order): the single valid value,
+    else a new UUIDv7, the refusal logged.
+
+    The effective ID is written into ``scope["headers"]`` (refused values removed) and
+    ``scope["state"]``, so inner layers, handlers and tracers all see the same value.
+    """
+    if len(client_values) == 1 and _VALID.fullmatch(client_values[0]):
+        correlation_id = client_values[0].decode("ascii")
+        header = (HEADER_KEY, client_values[0])
+    else:
+        correlation_id = uuid7()
+        header = (HEADER_KEY, correlation_id.encode("ascii"))
+        if client_values:
+            logger.warning(
+                "client correlation ID refused; generated %s",
+                correlation_id,
+                extra={
+                    "correlation_id": correlation_id,
+                    "refused_values": [escape_for_log(value) for value in client_values[:4]],
+                    "refused_count": len(client_values),
+                },
+            )
+            scope["headers"] = [(name, value) for name, value in scope["headers"] if name.lower() != HEADER_KEY]
+            scope["headers"].append(header)
+        else:
+            scope["headers"] = [*scope["headers"], header]
+    state = scope.get("state")
+    if state is None:
+        scope["state"] = {STATE_KEY: correlation_id}
+    else:
+        state[STATE_KEY] = correlation_id
+    return correlation_id, header
+
+
+def log_access(scope: Scope, status: int, started: float) -> None:
+    """The access-log line of one request (status 0: no response was started)."""
+    duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    method = scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"
+    client = scope.get("client")
+    access_logger.info(
+        "%s %s %s",
+        method,
+        scope.get("path", ""),
+        status or "-",
+        extra={
+            "method": method,
+            "path": scope.get("path", ""),
+            "status": status or None,
+            "duration_ms": duration_ms,
+            "client": client[0] if client else None,
+        },
+    )
 
 
 class CorrelationIdMiddleware:
@@ -101,8 +149,8 @@ class CorrelationIdMiddleware:
         if scope_type not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        correlation_id = self._accept_or_mint(scope)
-        header = (HEADER_KEY, correlation_id.encode("ascii"))
+        client_values = [value for name, value in scope["headers"] if name.lower() == HEADER_KEY]
+        correlation_id, header = accept_or_mint(scope, client_values)
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -119,60 +167,14 @@ class CorrelationIdMiddleware:
             await send(message)
 
         token = correlation_id_var.set(correlation_id)
-        started = time.perf_counter()
+        logging_access = self.access_log and access_logger.isEnabledFor(logging.INFO)
+        started = time.perf_counter() if logging_access else 0.0
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if self.access_log:
-                self._log_access(scope, status, started)
+            if logging_access:
+                log_access(scope, status, started)
             correlation_id_var.reset(token)
-
-    @staticmethod
-    def _accept_or_mint(scope: Scope) -> str:
-        values: list[bytes] = [value for name, value in scope["headers"] if name.lower() == HEADER_KEY]
-        if len(values) == 1 and _VALID.fullmatch(values[0]):
-            correlation_id = values[0].decode("ascii")
-        else:
-            correlation_id = uuid7()
-            if values:
-                logger.warning(
-                    "client correlation ID refused; generated %s",
-                    correlation_id,
-                    extra={
-                        "correlation_id": correlation_id,
-                        "refused_values": [escape_for_log(value) for value in values[:4]],
-                        "refused_count": len(values),
-                    },
-                )
-            header = (HEADER_KEY, correlation_id.encode("ascii"))
-            if values:  # drop the refused values so inner layers see only the effective ID
-                scope["headers"] = [(name, value) for name, value in scope["headers"] if name.lower() != HEADER_KEY]
-                scope["headers"].append(header)
-            else:
-                scope["headers"] = [*scope["headers"], header]
-        scope_state(scope)[STATE_KEY] = correlation_id
-        return correlation_id
-
-    @staticmethod
-    def _log_access(scope: Scope, status: int, started: float) -> None:
-        if not access_logger.isEnabledFor(logging.INFO):
-            return
-        duration_ms = round((time.perf_counter() - started) * 1000, 3)
-        method = scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"
-        client = scope.get("client")
-        access_logger.info(
-            "%s %s %s",
-            method,
-            scope.get("path", ""),
-            status or "-",
-            extra={
-                "method": method,
-                "path": scope.get("path", ""),
-                "status": status or None,
-                "duration_ms": duration_ms,
-                "client": client[0] if client else None,
-            },
-        )
 
 
 # -- outgoing calls -------------------------------------------------------------------------

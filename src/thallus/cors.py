@@ -82,43 +82,37 @@ class CORSMiddleware:
             preflight.append((b"access-control-max-age", str(max_age).encode()))
         self._preflight_headers = tuple(preflight)
 
+    def allowed_origin_values(self) -> tuple[bytes, ...]:
+        """Every allowlisted origin, as the bytes :meth:`allowed_origin` returns."""
+        return tuple(self._origins.values())
+
     def allowed_origin(self, origin: bytes) -> bytes | None:
         """The canonical allowlisted origin equal to a request's ``Origin`` value, if any."""
         return self._origins.get(origin.lower())
+
+    def actual_headers(self, allowed: bytes | None) -> tuple[tuple[bytes, bytes], ...]:
+        """The headers of an actual (non-preflight) response to a request from ``allowed``."""
+        return ((b"access-control-allow-origin", allowed), *self._actual_headers) if allowed else ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        origin: bytes | None = None
-        request_method: bytes | None = None
-        request_headers: bytes | None = None
-        origin_count = 0
-        for name, value in scope["headers"]:
-            key = name.lower()
-            if key == b"origin":
-                origin = value
-                origin_count += 1
-            elif key == b"access-control-request-method":
-                request_method = value
-            elif key == b"access-control-request-headers":
-                request_headers = value if request_headers is None else request_headers + b"," + value
-        if origin_count > 1:
-            origin = b""  # several Origin headers: no browser sends that; treat as not allowed
+        origin, request_method, request_headers = preflight_inputs(scope)
         if scope["method"] == "OPTIONS" and origin is not None and request_method is not None:
-            await self._preflight(scope, send, origin, request_method, request_headers)
+            await self.preflight(scope, send, origin, request_method, request_headers)
             return
-        allowed = self.allowed_origin(origin) if origin else None
-        extra = ((b"access-control-allow-origin", allowed), *self._actual_headers) if allowed else ()
+        extra = self.actual_headers(self.allowed_origin(origin) if origin else None)
 
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = _decorated(message.get("headers", ()), extra)
+                message["headers"] = decorate(message.get("headers", ()), extra)
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
 
-    async def _preflight(self, scope: Scope, send: Send, origin: bytes, method: bytes, requested: bytes | None) -> None:
+    async def preflight(self, scope: Scope, send: Send, origin: bytes, method: bytes, requested: bytes | None) -> None:
+        """Answer a preflight (module doc): 204 with the lists, or the JSON 403 ``CORSError``."""
         allowed = self.allowed_origin(origin)
         origin_text = _truncate(origin.decode("latin-1"))
         if allowed is None:
@@ -164,21 +158,45 @@ class CORSMiddleware:
         await send_error(send, 403, error="CORSError", message=message, details=details, headers=(_VARY_PREFLIGHT,))
 
 
-def _decorated(headers: Iterable[tuple[bytes, bytes]], extra: tuple[tuple[bytes, bytes], ...]) -> RawHeaders:
-    """Response headers with CORS headers set (app-set ``Access-Control-*`` dropped) and ``Origin``
-    merged into ``Vary``."""
+def preflight_inputs(scope: Scope) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """``Origin`` (``b""`` when sent more than once: no browser does, so it is never allowed),
+    ``Access-Control-Request-Method`` and the ``Access-Control-Request-Headers`` values joined."""
+    origin: bytes | None = None
+    request_method: bytes | None = None
+    request_headers: bytes | None = None
+    origin_count = 0
+    for name, value in scope["headers"]:
+        key = name.lower()
+        if key == b"origin":
+            origin = value
+            origin_count += 1
+        elif key == b"access-control-request-method":
+            request_method = value
+        elif key == b"access-control-request-headers":
+            request_headers = value if request_headers is None else request_headers + b"," + value
+    return (b"" if origin_count > 1 else origin), request_method, request_headers
+
+
+def decorate(
+    headers: Iterable[tuple[bytes, bytes]],
+    extra: Sequence[tuple[bytes, bytes]],
+    drop: frozenset[bytes] = frozenset(),
+) -> RawHeaders:
+    """Response headers with the CORS headers of ``extra`` set (app-set ``Access-Control-*``
+    dropped) and ``Origin`` merged into ``Vary``. Headers named in ``drop`` are removed too, so an
+    outer layer's replacements can be set in the same pass (``extra`` then carries them)."""
     result: RawHeaders = []
     vary_index = -1
-    for name, value in headers:
-        key = name.lower()
-        if key.startswith(b"access-control-"):
+    for header in headers:
+        key = header[0].lower()
+        if key in drop or key.startswith(b"access-control-"):
             continue
         if key == _VARY:
             if vary_index >= 0:  # fold repeated Vary headers into one
-                result[vary_index] = (_VARY, result[vary_index][1] + b", " + value)
+                result[vary_index] = (_VARY, result[vary_index][1] + b", " + header[1])
                 continue
             vary_index = len(result)
-        result.append((name, value))
+        result.append(header)
     if vary_index < 0:
         result.append(_VARY_ORIGIN)
     else:

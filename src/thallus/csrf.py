@@ -27,11 +27,11 @@ browsers send cookies and CORS never applies) and refused before they are accept
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from thallus._asgi import ASGIApp, Receive, Scope, Send, collect_headers, scope_state
+from thallus._asgi import ASGIApp, Receive, Scope, Send, scope_state
 from thallus.audit import AuditEvent, AuditSink, request_fields
 from thallus.errors import JSON_CONTENT_TYPE, error_body, send_error
 from thallus.origins import origin_of_url, parse_origins, request_origin_key
@@ -74,6 +74,26 @@ class CsrfVerdict:
     checked: bool = True
 
 
+#: One immutable verdict per reason, made once.
+_VERDICTS = {
+    reason: CsrfVerdict(allowed, reason, checked)
+    for allowed, reason, checked in (
+        (True, EXEMPT_SAFE_METHOD, False),
+        (True, EXEMPT_NO_COOKIES, False),
+        (True, EXEMPT_API_KEY, False),
+        (True, PASS_FETCH_METADATA, True),
+        (True, PASS_TRUSTED_ORIGIN, True),
+        (True, PASS_TRUSTED_REFERER, True),
+        (True, PASS_NO_EVIDENCE_DEVELOPMENT, True),
+        (False, REJECT_NULL_ORIGIN, True),
+        (False, REJECT_UNTRUSTED_ORIGIN, True),
+        (False, REJECT_UNTRUSTED_REFERER, True),
+        (False, REJECT_CROSS_SITE_NO_ORIGIN, True),
+        (False, REJECT_NO_EVIDENCE, True),
+    )
+}
+
+
 def csrf_verdict(
     method: str,
     *,
@@ -86,29 +106,26 @@ def csrf_verdict(
     trusted_origins: frozenset[str],
 ) -> CsrfVerdict:
     """Decide one request (module doc, rules 1–4). ``trusted_origins`` are canonical (lower-case)."""
+    verdicts = _VERDICTS
     if method in SAFE_METHODS:
-        return CsrfVerdict(True, EXEMPT_SAFE_METHOD, checked=False)
+        return verdicts[EXEMPT_SAFE_METHOD]
     if not has_cookies:
-        return CsrfVerdict(True, EXEMPT_NO_COOKIES, checked=False)
+        return verdicts[EXEMPT_NO_COOKIES]
     if api_key_authenticated:
-        return CsrfVerdict(True, EXEMPT_API_KEY, checked=False)
+        return verdicts[EXEMPT_API_KEY]
     if sec_fetch_site is not None and sec_fetch_site.strip().lower() in _ALLOWING_FETCH_SITES:
-        return CsrfVerdict(True, PASS_FETCH_METADATA)
+        return verdicts[PASS_FETCH_METADATA]
     if origin is not None:
         if origin.strip().lower() == "null":
-            return CsrfVerdict(False, REJECT_NULL_ORIGIN)
-        if request_origin_key(origin) in trusted_origins:
-            return CsrfVerdict(True, PASS_TRUSTED_ORIGIN)
-        return CsrfVerdict(False, REJECT_UNTRUSTED_ORIGIN)
+            return verdicts[REJECT_NULL_ORIGIN]
+        trusted = request_origin_key(origin) in trusted_origins
+        return verdicts[PASS_TRUSTED_ORIGIN if trusted else REJECT_UNTRUSTED_ORIGIN]
     if referer is not None:
-        if origin_of_url(referer) in trusted_origins:
-            return CsrfVerdict(True, PASS_TRUSTED_REFERER)
-        return CsrfVerdict(False, REJECT_UNTRUSTED_REFERER)
+        trusted = origin_of_url(referer) in trusted_origins
+        return verdicts[PASS_TRUSTED_REFERER if trusted else REJECT_UNTRUSTED_REFERER]
     if sec_fetch_site is not None:
-        return CsrfVerdict(False, REJECT_CROSS_SITE_NO_ORIGIN)
-    if environment == "development":
-        return CsrfVerdict(True, PASS_NO_EVIDENCE_DEVELOPMENT)
-    return CsrfVerdict(False, REJECT_NO_EVIDENCE)
+        return verdicts[REJECT_CROSS_SITE_NO_ORIGIN]
+    return verdicts[PASS_NO_EVIDENCE_DEVELOPMENT if environment == "development" else REJECT_NO_EVIDENCE]
 
 
 def login_csrf_verdict(
@@ -135,7 +152,7 @@ def has_cookie(cookie_header: str) -> bool:
 
     Deliberately generous: a malformed pair still counts, so garbage is checked, never exempt.
     """
-    return any(part.strip() for part in cookie_header.split(";"))
+    return bool(cookie_header.replace(";", " ").strip())  # some character is neither ";" nor blank
 
 
 def mark_api_key_authenticated(scope: Scope) -> None:
@@ -143,11 +160,14 @@ def mark_api_key_authenticated(scope: Scope) -> None:
     scope_state(scope)[API_KEY_AUTHENTICATED_STATE_KEY] = True
 
 
-_EVIDENCE_HEADERS = frozenset({b"cookie", b"sec-fetch-site", b"origin", b"referer"})
+#: The request headers :func:`csrf_verdict` reads (lower-case).
+EVIDENCE_HEADERS = frozenset({b"cookie", b"sec-fetch-site", b"origin", b"referer"})
 
 
-def _joined(values: list[str] | None) -> str | None:
-    return None if not values else values[0] if len(values) == 1 else ", ".join(values)
+def _joined(values: Sequence[bytes] | None) -> str | None:
+    if not values:
+        return None
+    return values[0].decode("latin-1") if len(values) == 1 else b", ".join(values).decode("latin-1")
 
 
 class CSRFMiddleware:
@@ -181,7 +201,42 @@ class CSRFMiddleware:
         verdict = self.verdict(scope, method)
         if verdict.allowed:
             await self.app(scope, receive, send)
-            return
+        else:
+            await self.refuse(scope, receive, send, method, verdict)
+
+    def verdict(self, scope: Scope, method: str) -> CsrfVerdict:
+        evidence: dict[bytes, list[bytes]] = {}
+        for name, value in scope["headers"]:
+            key = name.lower()
+            if key in EVIDENCE_HEADERS:
+                evidence.setdefault(key, []).append(value)
+        return self.verdict_from(method, evidence, scope.get("state"))
+
+    def verdict_from(
+        self, method: str, evidence: Mapping[bytes, Sequence[bytes]], state: Mapping[str, object] | None
+    ) -> CsrfVerdict:
+        """The verdict from ``evidence``: the request's values of :data:`EVIDENCE_HEADERS`, by name."""
+        has_cookies = False
+        for value in evidence.get(b"cookie", ()):
+            if has_cookie(value.decode("latin-1")):
+                has_cookies = True
+                break
+        api_key_authenticated = state is not None and state.get(API_KEY_AUTHENTICATED_STATE_KEY) is True
+        exempt = method in SAFE_METHODS or not has_cookies or api_key_authenticated
+        return csrf_verdict(
+            method,
+            has_cookies=has_cookies,
+            api_key_authenticated=api_key_authenticated,
+            # an exempt request's origin evidence is never read: skip decoding it
+            sec_fetch_site=None if exempt else _joined(evidence.get(b"sec-fetch-site")),
+            origin=None if exempt else _joined(evidence.get(b"origin")),
+            referer=None if exempt else _joined(evidence.get(b"referer")),
+            environment=self.environment,
+            trusted_origins=self.trusted_origins,
+        )
+
+    async def refuse(self, scope: Scope, receive: Receive, send: Send, method: str, verdict: CsrfVerdict) -> None:
+        """Log, audit and answer a refused request (a JSON 403, or a refused WebSocket handshake)."""
         details = {"reason": verdict.reason, "origin": _offending_origin(scope)}
         logger.warning(
             "CSRF check refused %s %s: %s", method, scope.get("path", ""), verdict.reason, extra={"csrf": details}
@@ -193,24 +248,10 @@ class CSRFMiddleware:
                 AuditEvent(action="csrf_rejected", outcome="denied", status_code=403, details=details, **fields)
             )
         message = "Cross-site request refused: " + verdict.reason + "."
-        if scope_type == "http":
+        if scope["type"] == "http":
             await send_error(send, 403, error="CSRFError", message=message, details=details)
         else:
             await _deny_websocket(scope, receive, send, error_body("CSRFError", message, details))
-
-    def verdict(self, scope: Scope, method: str) -> CsrfVerdict:
-        headers = collect_headers(scope, _EVIDENCE_HEADERS)
-        state = scope.get("state") or {}
-        return csrf_verdict(
-            method,
-            has_cookies=any(has_cookie(value) for value in headers.get(b"cookie", ())),
-            api_key_authenticated=state.get(API_KEY_AUTHENTICATED_STATE_KEY) is True,
-            sec_fetch_site=_joined(headers.get(b"sec-fetch-site")),
-            origin=_joined(headers.get(b"origin")),
-            referer=_joined(headers.get(b"referer")),
-            environment=self.environment,
-            trusted_origins=self.trusted_origins,
-        )
 
 
 def _offending_origin(scope: Scope) -> str | None:

@@ -217,95 +217,30 @@ class ErrorBoundaryMiddleware:
             await self.app(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        forwarded = False  # something reached the client side
-        held: list[Message] = []  # a 5xx response, held until the application returns or raises
-        held_bytes = 0
-        rewrite: Message | None = None  # start of a non-JSON error whose body is being discarded
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal forwarded, held_bytes, rewrite
-            if message["type"] == "http.response.start":
-                if message["status"] >= 500:
-                    held.append(message)
-                    return
-                if message["status"] >= 400 and self._needs_rewrite(message):
-                    rewrite = message
-                    return
-            elif held:
-                held.append(message)
-                held_bytes += len(message.get("body", b""))
-                if held_bytes <= _HELD_BODY_LIMIT:
-                    return
-                start = held[0]
-                if self._needs_rewrite(start):  # too large to hold: its body is dropped anyway
-                    held.clear()
-                    rewrite = start
-                else:
-                    messages = list(held)
-                    held.clear()
-                    forwarded = True
-                    for item in messages:
-                        await send(item)
-                    return
-            if rewrite is not None:
-                if message["type"] == "http.response.body" and not message.get("more_body", False):
-                    start, rewrite = rewrite, None
-                    forwarded = True
-                    await self._send_rewritten(send, start)
-                return
-            forwarded = True
-            await send(message)
-
+        guard = ResponseGuard(self, send)
         try:
-            await self.app(scope, receive, guarded_send)
+            await self.app(scope, receive, guard.send)
         except Exception as exc:
-            if forwarded:
-                logger.exception("unhandled exception after the response started; connection aborted")
+            if guard.forwarded:
+                log_exception_after_start()
                 raise
-            await self._answer_exception(send, exc)
+            await self.answer_exception(send, exc)
             return
-        if held:  # a 5xx the application chose to send, complete and not followed by an exception
-            if self._needs_rewrite(held[0]):
-                await self._send_rewritten(send, held[0])
-            else:
-                for item in held:
-                    await send(item)
-        elif rewrite is not None:
-            await self._send_rewritten(send, rewrite)
-        elif not forwarded:
-            logger.error("application returned without sending a response")
-            await send_error(send, 500, details=self._details("no response") if self.expose_details else None)
+        await guard.finish()
 
-    def _needs_rewrite(self, start: Message) -> bool:
+    def needs_rewrite(self, start: Message) -> bool:
         return self.rewrite_non_json_errors and not _is_json(start.get("headers", ()))
 
-    async def _answer_exception(self, send: Send, exc: Exception) -> None:
+    async def answer_exception(self, send: Send, exc: Exception) -> None:
+        """Answer an exception raised before anything was sent: its own error or the JSON 500."""
         if isinstance(exc, ThallusError):
             if exc.status_code >= 500:
                 logger.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc)
             await send_thallus_error(send, exc)
             return
         logger.error("unhandled exception: %s", type(exc).__name__, exc_info=exc)
-        details = self._details(type(exc).__name__, str(exc)) if self.expose_details else None
+        details = _exception_details(type(exc).__name__, str(exc)) if self.expose_details else None
         await send_error(send, 500, details=details)
-
-    @staticmethod
-    def _details(exception: str, message: str = "") -> dict[str, str]:
-        if len(message) > _DETAIL_TEXT_LIMIT:
-            message = message[:_DETAIL_TEXT_LIMIT] + "…"
-        return {"exception": exception, "message": message}
-
-    @staticmethod
-    async def _send_rewritten(send: Send, start: Message) -> None:
-        status = start["status"]
-        headers = start.get("headers", ())
-        kept = [(name, value) for name, value in headers if name.lower() not in _KEPT_ON_REWRITE_EXCLUDED]
-        details = None
-        if status == 405:
-            allow = next((value for name, value in kept if name.lower() == b"allow"), None)
-            if allow is not None:
-                details = {"allowed_methods": [m.strip() for m in allow.decode("latin-1").split(",") if m.strip()]}
-        await send_error(send, status, details=details, headers=kept)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         responded = False
@@ -328,6 +263,98 @@ class ErrorBoundaryMiddleware:
                 await send({"type": "websocket.http.response.body", "body": body})
             else:
                 await send({"type": "websocket.close", "code": 1011})
+
+
+class ResponseGuard:
+    """One HTTP response as the error boundary sees it: a 5xx is held until the application
+    returns or raises, a non-JSON error is replaced by the §8 shape, everything else is forwarded.
+    ``forwarded`` says whether anything has reached ``send`` (after which an exception can only
+    abort the connection).
+    """
+
+    __slots__ = ("_boundary", "_held", "_held_bytes", "_rewrite", "_send", "forwarded")
+
+    def __init__(self, boundary: ErrorBoundaryMiddleware, send: Send) -> None:
+        self._boundary = boundary
+        self._send = send
+        self.forwarded = False
+        self._held: list[Message] = []  # a 5xx response, held until the application returns or raises
+        self._held_bytes = 0
+        self._rewrite: Message | None = None  # start of a non-JSON error whose body is being discarded
+
+    async def send(self, message: Message) -> None:
+        held = self._held
+        if message["type"] == "http.response.start":
+            if message["status"] >= 500:
+                held.append(message)
+                return
+            if message["status"] >= 400 and self._boundary.needs_rewrite(message):
+                self._rewrite = message
+                return
+        elif held:
+            held.append(message)
+            self._held_bytes += len(message.get("body", b""))
+            if self._held_bytes <= _HELD_BODY_LIMIT:
+                return
+            start = held[0]
+            if self._boundary.needs_rewrite(start):  # too large to hold: its body is dropped anyway
+                held.clear()
+                self._rewrite = start
+            else:
+                messages = list(held)
+                held.clear()
+                self.forwarded = True
+                for item in messages:
+                    await self._send(item)
+                return
+        if self._rewrite is not None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                start, self._rewrite = self._rewrite, None
+                self.forwarded = True
+                await _send_rewritten(self._send, start)
+            return
+        self.forwarded = True
+        await self._send(message)
+
+    async def finish(self) -> None:
+        """The application returned: send what is held, or the JSON 500 if it never answered."""
+        held = self._held
+        if held:  # a 5xx the application chose to send, complete and not followed by an exception
+            if self._boundary.needs_rewrite(held[0]):
+                await _send_rewritten(self._send, held[0])
+            else:
+                for item in held:
+                    await self._send(item)
+        elif self._rewrite is not None:
+            await _send_rewritten(self._send, self._rewrite)
+        elif not self.forwarded:
+            logger.error("application returned without sending a response")
+            details = _exception_details("no response") if self._boundary.expose_details else None
+            await send_error(self._send, 500, details=details)
+
+
+def log_exception_after_start() -> None:
+    """Call in an ``except`` block: the response has started, so the exception can only abort it."""
+    logger.exception("unhandled exception after the response started; connection aborted")
+
+
+def _exception_details(exception: str, message: str = "") -> dict[str, str]:
+    if len(message) > _DETAIL_TEXT_LIMIT:
+        message = message[:_DETAIL_TEXT_LIMIT] + "…"
+    return {"exception": exception, "message": message}
+
+
+async def _send_rewritten(send: Send, start: Message) -> None:
+    """The §8 JSON for a non-JSON error response, keeping its status and headers (``Allow`` …)."""
+    status = start["status"]
+    headers = start.get("headers", ())
+    kept = [(name, value) for name, value in headers if name.lower() not in _KEPT_ON_REWRITE_EXCLUDED]
+    details = None
+    if status == 405:
+        allow = next((value for name, value in kept if name.lower() == b"allow"), None)
+        if allow is not None:
+            details = {"allowed_methods": [m.strip() for m in allow.decode("latin-1").split(",") if m.strip()]}
+    await send_error(send, status, details=details, headers=kept)
 
 
 # -- Starlette / FastAPI integration ------------------------------------------------------------

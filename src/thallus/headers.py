@@ -236,14 +236,18 @@ class HeaderPolicy:
     csp_header: bytes | None = None
     csp_nonce_template: str | None = None
     managed: frozenset[bytes] = field(init=False)
-    _no_store_headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False)
-    _no_store_managed: frozenset[bytes] = field(init=False, repr=False)
+    no_store_headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False)
+    no_store_managed: frozenset[bytes] = field(init=False, repr=False)
+    _plain_selection: tuple[frozenset[bytes], tuple[tuple[bytes, bytes], ...]] = field(init=False, repr=False)
+    _no_store_selection: tuple[frozenset[bytes], tuple[tuple[bytes, bytes], ...]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         managed = frozenset(name for name, _ in self.headers) | LEAKY_HEADERS | {CSP_HEADER, CSP_REPORT_ONLY_HEADER}
         object.__setattr__(self, "managed", managed)
-        object.__setattr__(self, "_no_store_headers", (*self.headers, NO_STORE))
-        object.__setattr__(self, "_no_store_managed", managed | {CACHE_CONTROL})
+        object.__setattr__(self, "no_store_headers", (*self.headers, NO_STORE))
+        object.__setattr__(self, "no_store_managed", managed | {CACHE_CONTROL})
+        object.__setattr__(self, "_plain_selection", (managed, self.headers))
+        object.__setattr__(self, "_no_store_selection", (self.no_store_managed, self.no_store_headers))
 
     @classmethod
     def build(
@@ -305,16 +309,22 @@ class HeaderPolicy:
 
     def apply(self, headers: Iterable[tuple[bytes, bytes]], status: int, scope: Scope) -> RawHeaders:
         """The response headers with the application's managed ones replaced by the policy's."""
-        if status >= 400 or (self.no_store_paths and scope.get("path", "").startswith(self.no_store_paths)):
-            managed, ours = self._no_store_managed, self._no_store_headers
-        else:
-            managed, ours = self.managed, self.headers
-        state = scope.get("state")
-        if state and (OVERRIDES_STATE_KEY in state or NONCE_STATE_KEY in state):
-            managed, ours = self._per_route(state, managed, ours)
+        managed, ours = self.select(status, scope)
         result = [(name, value) for name, value in headers if name.lower() not in managed]
         result.extend(ours)
         return result
+
+    def select(self, status: int, scope: Scope) -> tuple[frozenset[bytes], tuple[tuple[bytes, bytes], ...]]:
+        """The names this response's policy replaces, and the headers it sets: :attr:`headers`, or
+        :attr:`no_store_headers` for errors and ``no_store_paths``, or a per-route variant."""
+        if status >= 400 or (self.no_store_paths and scope["path"].startswith(self.no_store_paths)):
+            selected = self._no_store_selection
+        else:
+            selected = self._plain_selection
+        state = scope.get("state")
+        if state and (OVERRIDES_STATE_KEY in state or NONCE_STATE_KEY in state):
+            return self._per_route(state, *selected)
+        return selected
 
     def _per_route(
         self, state: Mapping[str, object], managed: frozenset[bytes], ours: tuple[tuple[bytes, bytes], ...]

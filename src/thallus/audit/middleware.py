@@ -46,9 +46,10 @@ class AuditRequestMiddleware:
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            self._record(scope, status, (time.perf_counter() - started) * 1000)
+            self.record(scope, status, (time.perf_counter() - started) * 1000)
 
-    def _record(self, scope: Scope, status: int | None, duration_ms: float) -> None:
+    def record(self, scope: Scope, status: int | None, duration_ms: float) -> None:
+        """The request's ``request`` record; ``status`` is None when no response was started."""
         principal = principal_of(scope)
         details: dict[str, object] = {"auth_method": principal.auth_method if principal else None}
         if principal is not None and principal.api_key_id:
