@@ -8,12 +8,16 @@ Three stacks, built on three separate but identical Starlette applications (``pr
 error handlers on the application it wraps, so the bare one must not be shared):
 
 * ``bare``    — Starlette with ``GET /items`` and ``POST /items``;
-* ``thallus`` — the same app wrapped by ``thallus.protect`` with production settings;
+* ``thallus`` — the same app wrapped by ``thallus.protect`` with production settings: the core
+  layers (correlation, headers, CORS, error boundary, CSRF); the rate limiter is measured by
+  ``bench_ratelimit.py``;
 * ``peer``    — the same app wrapped, outermost first, by asgi-correlation-id, secure.py, Starlette's
   ``CORSMiddleware`` and starlette-csrf, configured to match Thallus as closely as they allow.
 
-Four scenarios, each one fixed request sent unchanged to every stack (see ``SCENARIOS``).
-Run ``.venv/bin/python benchmarks/bench_core.py --help`` for the options.
+Seven scenarios, each one fixed request sent unchanged to every stack (see ``SCENARIOS``). Then
+two more tables: each Thallus layer alone on the bare app, and how the cost grows with the number
+of allowed origins and of request headers. Run ``.venv/bin/python benchmarks/bench_core.py --help``
+for the options.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import pstats
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from asgi_correlation_id import CorrelationIdMiddleware as PeerCorrelationIdMiddleware
@@ -62,10 +66,15 @@ from starlette_csrf.middleware import CSRFMiddleware as StarletteCSRFMiddleware
 # project-wide `mypy` run reads it from src/ and needs no ignore, hence `unused-ignore`).
 from common import describe, environment, progress
 from thallus import HeaderPolicy, Settings, protect
-from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS
+from thallus.correlation import CorrelationIdMiddleware
+from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS, CORSMiddleware
+from thallus.csrf import CSRFMiddleware
+from thallus.errors import ErrorBoundaryMiddleware
+from thallus.headers import SecurityHeadersMiddleware
 
 SECRET = "x" * 40
 APP_ORIGIN = "https://app.example.com"
+REFUSED_ORIGIN = "https://evil.example"
 PUBLIC_ORIGIN = "https://api.example.com"
 SESSION_COOKIE = "session"
 PEER_CSRF_COOKIE = "csrftoken"
@@ -102,18 +111,39 @@ def make_app() -> Starlette:
 # -- the stacks --------------------------------------------------------------------------------
 
 
-def thallus_settings() -> Settings:
+def thallus_settings(origins: Sequence[str] = (APP_ORIGIN,)) -> Settings:
+    """Production settings; the rate limiter off (``bench_ratelimit.py`` measures it)."""
     return Settings(
         env="production",
         secret_key=SECRET,
-        allowed_origins=(APP_ORIGIN,),
+        allowed_origins=tuple(origins),
         public_origin=PUBLIC_ORIGIN,
+        rate_limit_enabled=False,
     )
 
 
 def build_thallus() -> ASGIApp:
     app: ASGIApp = protect(make_app(), thallus_settings())
     return app
+
+
+def many_origins(count: int) -> list[str]:
+    """``count`` allowed origins with the SPA's in the middle, so no lookup finds it first."""
+    origins = [f"https://tenant-{index}.example.org" for index in range(count - 1)]
+    origins.insert(len(origins) // 2, APP_ORIGIN)
+    return origins
+
+
+#: Each Thallus layer alone on the bare app, then the layers composed, then ``protect`` (fast path).
+LAYERS: dict[str, Callable[[], ASGIApp]] = {
+    "correlation": lambda: CorrelationIdMiddleware(make_app()),
+    "headers": lambda: SecurityHeadersMiddleware(make_app(), HeaderPolicy.from_settings(thallus_settings())),
+    "cors": lambda: CORSMiddleware(make_app(), (APP_ORIGIN,)),
+    "csrf": lambda: CSRFMiddleware(make_app(), (APP_ORIGIN, PUBLIC_ORIGIN), environment="production"),
+    "errors": lambda: ErrorBoundaryMiddleware(make_app()),
+    "composed": lambda: protect(make_app(), thallus_settings()).composed,
+    "thallus": build_thallus,
+}
 
 
 def peer_secure() -> Secure:
@@ -203,8 +233,19 @@ class Scenario:
     method: str
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes = b""
-    #: expected status per stack, checked once before timing
+    #: expected status per stack, checked once before timing (layers alone: the bare app's)
     expected: dict[str, int] = field(default_factory=dict)
+    path: str = "/items"
+    #: whether Thallus and the peer must answer with Access-Control-Allow-Origin
+    cors: bool = False
+
+    def status_for(self, stack: str) -> int:
+        return self.expected.get(stack, self.expected["thallus" if stack.startswith("thallus") else "bare"])
+
+    def with_extra_headers(self, count: int) -> Scenario:
+        """The same request with ``count`` more (unread) headers, e.g. tracing and proxy headers."""
+        extra = tuple((f"x-extra-header-{index}".encode(), b"value-%d" % index) for index in range(count))
+        return replace(self, name=f"{self.name}+{count}h", headers=(*self.headers, *extra))
 
     def template(self) -> dict[str, Any]:
         return {
@@ -216,8 +257,8 @@ class Scenario:
             "scheme": "https",
             "method": self.method,
             "root_path": "",
-            "path": "/items",
-            "raw_path": b"/items",
+            "path": self.path,
+            "raw_path": self.path.encode(),
             "query_string": b"",
             "headers": list(self.headers),
         }
@@ -237,6 +278,22 @@ SCENARIOS: tuple[Scenario, ...] = (
         "GET",
         (*BROWSER_HEADERS, *CROSS_ORIGIN_HEADERS, (b"cookie", COOKIES)),
         expected={"bare": 200, "thallus": 200, "peer": 200},
+        cors=True,
+    ),
+    Scenario(
+        "get_refused",
+        "GET /items from an origin not allowed, credentialed: answered, but without CORS headers",
+        "GET",
+        (
+            *BROWSER_HEADERS,
+            (b"origin", REFUSED_ORIGIN.encode()),
+            (b"referer", REFUSED_ORIGIN.encode() + b"/"),
+            (b"sec-fetch-site", b"cross-site"),
+            (b"sec-fetch-mode", b"cors"),
+            (b"sec-fetch-dest", b"empty"),
+            (b"cookie", COOKIES),
+        ),
+        expected={"bare": 200, "thallus": 200, "peer": 200},
     ),
     Scenario(
         "preflight",
@@ -255,6 +312,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
         # bare Starlette has no CORS: its router answers 405; Starlette's CORS answers 200
         expected={"bare": 405, "thallus": 204, "peer": 200},
+        cors=True,
     ),
     Scenario(
         "post_csrf",
@@ -270,6 +328,32 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
         body=BODY,
         expected={"bare": 201, "thallus": 201, "peer": 201},
+        cors=True,
+    ),
+    Scenario(
+        "post_api_key",
+        "POST /items JSON with X-API-Key, no cookie (a script): CSRF exempt, nothing to check",
+        "POST",
+        (
+            (b"host", b"api.example.com"),
+            (b"user-agent", b"python-httpx/0.28.1"),
+            (b"accept", b"*/*"),
+            (b"accept-encoding", b"gzip, deflate"),
+            (b"connection", b"keep-alive"),
+            (b"x-api-key", b"thal_" + b"k" * 43),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(BODY)).encode()),
+        ),
+        body=BODY,
+        expected={"bare": 201, "thallus": 201, "peer": 201},
+    ),
+    Scenario(
+        "not_found",
+        "GET /nowhere: the router's 404 (JSON from Thallus, plain text from the others)",
+        "GET",
+        BROWSER_HEADERS,
+        path="/nowhere",
+        expected={"bare": 404, "thallus": 404, "peer": 404},
     ),
 )
 SCENARIO_NAMES = tuple(scenario.name for scenario in SCENARIOS)
@@ -310,9 +394,11 @@ async def _null_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 async def _timed_run(app: ASGIApp, request: ReplayedRequest, seconds: float) -> tuple[int, int]:
-    """Call ``app`` in batches until ``seconds`` have passed; return (requests, nanoseconds)."""
+    """Call ``app`` in batches until ``seconds`` of this thread's CPU time have passed; return
+    (requests, nanoseconds). CPU time, not wall time: on a shared machine, time the benchmark spends
+    descheduled is not its own (every request is pure CPU work on this thread)."""
     receive, send, make_scope = request.receive, request.send, request.scope
-    clock = time.perf_counter_ns
+    clock = time.thread_time_ns
     count = 0
     start = clock()
     deadline = start + int(seconds * 1e9)
@@ -358,14 +444,16 @@ async def _check(stacks: dict[str, ASGIApp], scenarios: Sequence[Scenario]) -> N
             start = messages[0] if messages else {}
             status = start.get("status")
             headers = {name.lower() for name, _ in start.get("headers", ())}
-            expected = scenario.expected[stack_name]
+            expected = scenario.status_for(stack_name)
             if status != expected:
                 problems.append(f"{stack_name}/{scenario.name}: status {status}, expected {expected}")
-            if stack_name == "bare":
+            if stack_name not in ("thallus", "peer"):
                 continue
             wanted = {b"x-correlation-id", b"content-security-policy", b"x-frame-options"}
-            if scenario.name in ("get_cors", "preflight", "post_csrf"):
+            if scenario.cors:
                 wanted.add(b"access-control-allow-origin")
+            elif b"access-control-allow-origin" in headers:
+                problems.append(f"{stack_name}/{scenario.name}: Access-Control-Allow-Origin on a refused origin")
             if missing := wanted - headers:
                 problems.append(f"{stack_name}/{scenario.name}: missing {sorted(m.decode() for m in missing)}")
     if problems:
@@ -374,17 +462,17 @@ async def _check(stacks: dict[str, ASGIApp], scenarios: Sequence[Scenario]) -> N
 
 async def measure(
     stacks: dict[str, ASGIApp], scenarios: Sequence[Scenario], *, seconds: float, warmup: float, repeat: int
-) -> tuple[dict[str, dict[str, Cell]], Cell]:
+) -> dict[str, dict[str, Cell]]:
+    """Every stack on every scenario, ``repeat`` times, interleaved in rotating order."""
+    await _check(stacks, scenarios)
     requests = {scenario.name: ReplayedRequest(scenario) for scenario in scenarios}
     cells = {scenario.name: {stack: Cell() for stack in stacks} for scenario in scenarios}
-    floor = Cell()
     for scenario in scenarios:
         for app in stacks.values():
             await _timed_run(app, requests[scenario.name], warmup)
-    await _timed_run(_null_app, requests[scenarios[0].name], warmup)
     order = list(stacks)
     for repetition in range(repeat):
-        progress(f"repetition {repetition + 1}/{repeat}")
+        progress(f"  repetition {repetition + 1}/{repeat}")
         for scenario in scenarios:
             # rotate the order each repetition so no stack always runs first (or last)
             for stack_name in order[repetition % len(order) :] + order[: repetition % len(order)]:
@@ -393,11 +481,18 @@ async def measure(
                 cell = cells[scenario.name][stack_name]
                 cell.runs_ns.append(elapsed / count)
                 cell.requests += count
-        gc.collect()
-        count, elapsed = await _timed_run(_null_app, requests[scenarios[0].name], seconds / 4)
+    return cells
+
+
+async def measure_floor(scenario: Scenario, *, seconds: float, repeat: int) -> Cell:
+    """The harness's own cost: a null ASGI app driven the same way."""
+    request = ReplayedRequest(scenario)
+    floor = Cell()
+    for _ in range(repeat):
+        count, elapsed = await _timed_run(_null_app, request, seconds)
         floor.runs_ns.append(elapsed / count)
         floor.requests += count
-    return cells, floor
+    return floor
 
 
 async def profile(app: ASGIApp, scenario: Scenario, seconds: float, top: int) -> str:
@@ -416,39 +511,60 @@ async def profile(app: ASGIApp, scenario: Scenario, seconds: float, top: int) ->
 # -- reporting ---------------------------------------------------------------------------------
 
 
-def results_document(
-    cells: dict[str, dict[str, Cell]], floor: Cell, scenarios: Sequence[Scenario], options: argparse.Namespace
-) -> dict[str, Any]:
+def _stack_cells(cells: dict[str, Cell], statuses: dict[str, int] | None = None) -> dict[str, Any]:
+    return {
+        stack: {
+            "median_us": round(cell.median_us, 3),
+            "runs_us": [round(ns / 1000, 3) for ns in cell.runs_ns],
+            "spread": round(cell.spread, 4),
+            "requests": cell.requests,
+            **({"status": statuses[stack]} if statuses else {}),
+        }
+        for stack, cell in cells.items()
+    }
+
+
+def comparison_rows(cells: dict[str, dict[str, Cell]], scenarios: Sequence[Scenario]) -> list[dict[str, Any]]:
     rows = []
     for scenario in scenarios:
         row: dict[str, Any] = {"scenario": scenario.name, "description": scenario.description}
-        for stack, cell in cells[scenario.name].items():
-            row[stack] = {
-                "median_us": round(cell.median_us, 3),
-                "runs_us": [round(ns / 1000, 3) for ns in cell.runs_ns],
-                "spread": round(cell.spread, 4),
-                "requests": cell.requests,
-                "status": scenario.expected[stack],
-            }
+        row |= _stack_cells(cells[scenario.name], {stack: scenario.status_for(stack) for stack in STACKS})
         bare, ours, peer = (cells[scenario.name][s].median_us for s in STACKS)
         row["thallus_over_bare"] = round(ours / bare, 3)
         row["thallus_over_peer"] = round(ours / peer, 3)
         row["thallus_added_us"] = round(ours - bare, 3)
         row["peer_added_us"] = round(peer - bare, 3)
+        # how many times less the Thallus layers add than the peer layers (the "x faster" of issue 7)
+        row["peer_added_over_thallus_added"] = round((peer - bare) / (ours - bare), 2) if ours > bare else None
         rows.append(row)
-    return {
-        "benchmark": "thallus bench_core",
-        "environment": environment(PACKAGES),
-        "options": {
-            "seconds": options.seconds,
-            "warmup": options.warmup,
-            "repeat": options.repeat,
-            "batch": BATCH,
-            "access_log": options.access_log,
-        },
-        "harness_floor_us": round(floor.median_us, 3),
-        "results": rows,
-    }
+    return rows
+
+
+def added_rows(cells: dict[str, dict[str, Cell]], baseline: str) -> list[dict[str, Any]]:
+    """Each stack's median and what it adds over ``baseline`` (same scenario)."""
+    rows = []
+    for scenario_name, stacks in cells.items():
+        base = stacks[baseline].median_us
+        row: dict[str, Any] = {"scenario": scenario_name, **_stack_cells(stacks)}
+        row["added_us"] = {
+            stack: round(cell.median_us - base, 3) for stack, cell in stacks.items() if stack != baseline
+        }
+        rows.append(row)
+    return rows
+
+
+def _render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    table = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = []
+    for index, row in enumerate(table):
+        cells = [row[0].ljust(widths[0])] + [
+            value.rjust(width) for value, width in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells))
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return lines
 
 
 def render_table(document: dict[str, Any]) -> str:
@@ -456,27 +572,19 @@ def render_table(document: dict[str, Any]) -> str:
     options = document["options"]
     lines = [
         *describe(env),
-        f"{options['repeat']} repetitions x {options['seconds']} s per stack and scenario "
+        f"{options['repeat']} repetitions x {options['seconds']} s of CPU time per stack and scenario "
         f"(warm-up {options['warmup']} s); median µs per request; in-process ASGI calls, one event loop; "
         f"thallus access log {'ON' if options['access_log'] else 'off (logger below INFO)'}",
         f"harness floor (null ASGI app, same scope/receive/send): {document['harness_floor_us']:.2f} µs",
         "",
+        "1. Thallus (protect, core layers) against the bare app and the peer stack",
+        "",
     ]
-    header = (
-        "scenario",
-        "bare µs",
-        "thallus µs",
-        "peer µs",
-        "thallus/bare",
-        "thallus/peer",
-        "+thallus µs",
-        "+peer µs",
-        "spread",
-    )
-    table: list[tuple[str, ...]] = [header]
+    rows = []
     for row in document["results"]:
         spread = max(row[stack]["spread"] for stack in STACKS)
-        table.append(
+        times_less = row["peer_added_over_thallus_added"]
+        rows.append(
             (
                 row["scenario"],
                 f"{row['bare']['median_us']:.2f}",
@@ -486,39 +594,86 @@ def render_table(document: dict[str, Any]) -> str:
                 f"{row['thallus_over_peer']:.2f}x",
                 f"{row['thallus_added_us']:+.2f}",
                 f"{row['peer_added_us']:+.2f}",
+                f"{times_less:.1f}x" if times_less is not None else "-",
                 f"{spread:.1%}",
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for index, row in enumerate(table):
-        cells = [row[0].ljust(widths[0])] + [
-            value.rjust(width) for value, width in zip(row[1:], widths[1:], strict=True)
-        ]
-        lines.append("  ".join(cells))
-        if index == 0:
-            lines.append("  ".join("-" * width for width in widths))
+    lines += _render(
+        (
+            "scenario",
+            "bare µs",
+            "thallus µs",
+            "peer µs",
+            "thallus/bare",
+            "thallus/peer",
+            "+thallus µs",
+            "+peer µs",
+            "+peer/+thallus",
+            "spread",
+        ),
+        rows,
+    )
     lines += [
         "",
-        "+thallus / +peer: µs added over bare by each stack's layers. spread: largest (max-min)/median of the",
-        "repetitions among the three stacks.",
+        "+thallus / +peer: µs added over bare by each stack's layers; +peer/+thallus: how many times less",
+        "Thallus adds. spread: largest (max-min)/median of the repetitions among the three stacks.",
         "Preflight statuses: bare 405 (no CORS; the router refuses OPTIONS), thallus 204, peer 200.",
         "",
+        *(f"{row['scenario']:<12} {row['description']}" for row in document["results"]),
     ]
-    lines += [f"{row['scenario']:<10} {row['description']}" for row in document["results"]]
+    if document.get("layers"):
+        layer_names = list(document["layers"][0]["added_us"])
+        lines += ["", "2. Each Thallus layer alone on the bare app: µs added over bare", ""]
+        lines += _render(
+            ("scenario", "bare µs", *layer_names),
+            [
+                (
+                    row["scenario"],
+                    f"{row['bare']['median_us']:.2f}",
+                    *(f"{row['added_us'][n]:+.2f}" for n in layer_names),
+                )
+                for row in document["layers"]
+            ],
+        )
+        lines += [
+            "",
+            "composed: the same layers as protect() as separate ASGI layers (its WebSocket path); thallus:",
+            "protect()'s HTTP fast path through the same layer objects.",
+        ]
+    if document.get("scaling"):
+        lines += ["", "3. How the cost grows: allowed origins, request headers (thallus µs; +µs over bare)", ""]
+        scaling_rows = []
+        for row in document["scaling"]:
+            scaling_rows.append(
+                (
+                    row["case"],
+                    row["scenario"],
+                    f"{row['bare_us']:.2f}",
+                    f"{row['thallus_us']:.2f}",
+                    f"{row['thallus_us'] - row['bare_us']:+.2f}",
+                )
+            )
+        lines += _render(("case", "scenario", "bare µs", "thallus µs", "+thallus µs"), scaling_rows)
     return "\n".join(lines)
 
 
 # -- entry point -------------------------------------------------------------------------------
 
+LAYER_SCENARIOS = ("get", "get_cors", "post_csrf", "not_found")
+ORIGIN_COUNTS = (1, 10, 1000)
+EXTRA_HEADER_COUNTS = (0, 20, 60)
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=1.0, help="length of each timed run (default 1.0)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="CPU seconds of each timed run (default 1.0)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per stack and scenario (default 5)")
     parser.add_argument("--warmup", type=float, default=0.3, help="warm-up per stack and scenario (default 0.3)")
     parser.add_argument(
         "--scenarios", default=",".join(SCENARIO_NAMES), help=f"comma-separated subset of {', '.join(SCENARIO_NAMES)}"
     )
+    parser.add_argument("--no-layers", action="store_true", help="skip table 2 (each layer alone)")
+    parser.add_argument("--no-scaling", action="store_true", help="skip table 3 (origins and header counts)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument(
         "--access-log",
@@ -556,22 +711,84 @@ def isolate_environment(names: Iterable[str]) -> None:
             del os.environ[name]
 
 
-async def run(options: argparse.Namespace) -> None:
+async def scaling(options: argparse.Namespace) -> list[dict[str, Any]]:
+    """Allowed-origin lookups must stay O(1); request headers are read in one pass (O(n))."""
+    timing = {"seconds": options.seconds, "warmup": options.warmup, "repeat": options.repeat}
+    by_name = {scenario.name: scenario for scenario in SCENARIOS}
+    rows: list[dict[str, Any]] = []
+    origin_scenarios = [by_name["get_cors"], by_name["get_refused"]]
+    for count in ORIGIN_COUNTS:
+        progress(f"scaling: {count} allowed origins")
+        stacks: dict[str, ASGIApp] = {
+            "bare": make_app(),
+            "thallus": protect(make_app(), thallus_settings(many_origins(count))),
+        }
+        cells = await measure(stacks, origin_scenarios, **timing)
+        for scenario in origin_scenarios:
+            row_cells = cells[scenario.name]
+            rows.append(
+                {
+                    "case": f"{count} allowed origins",
+                    "scenario": scenario.name,
+                    "bare_us": round(row_cells["bare"].median_us, 3),
+                    "thallus_us": round(row_cells["thallus"].median_us, 3),
+                }
+            )
+    header_scenarios = [by_name["get"].with_extra_headers(count) for count in EXTRA_HEADER_COUNTS]
+    progress("scaling: request header counts")
+    stacks = {"bare": make_app(), "thallus": build_thallus()}
+    cells = await measure(stacks, header_scenarios, **timing)
+    for count, scenario in zip(EXTRA_HEADER_COUNTS, header_scenarios, strict=True):
+        rows.append(
+            {
+                "case": f"{len(scenario.headers)} request headers",
+                "scenario": scenario.name,
+                "bare_us": round(cells[scenario.name]["bare"].median_us, 3),
+                "thallus_us": round(cells[scenario.name]["thallus"].median_us, 3),
+                "extra_headers": count,
+            }
+        )
+    return rows
+
+
+async def run(options: argparse.Namespace) -> dict[str, Any] | None:
     selected = set(options.scenarios.split(","))
     scenarios = [scenario for scenario in SCENARIOS if scenario.name in selected]
     stacks = {name: BUILDERS[name]() for name in STACKS}
-    await _check(stacks, scenarios)
     if options.profile:
+        await _check(stacks, scenarios)
         for scenario in scenarios:
             print(await profile(stacks[options.profile], scenario, options.seconds, options.top))
-        return
-    total = len(scenarios) * len(stacks) * (options.warmup + options.repeat * options.seconds)
-    progress(f"measuring {len(stacks)} stacks x {len(scenarios)} scenarios, about {total:.0f} s")
-    cells, floor = await measure(
-        stacks, scenarios, seconds=options.seconds, warmup=options.warmup, repeat=options.repeat
-    )
-    document = results_document(cells, floor, scenarios, options)
+        return None
+    timing = {"seconds": options.seconds, "warmup": options.warmup, "repeat": options.repeat}
+    progress(f"1. {len(stacks)} stacks x {len(scenarios)} scenarios")
+    cells = await measure(stacks, scenarios, **timing)
+    floor = await measure_floor(scenarios[0], seconds=options.seconds / 4, repeat=options.repeat)
+    document: dict[str, Any] = {
+        "benchmark": "thallus bench_core",
+        "environment": environment(PACKAGES),
+        "options": {
+            "seconds": options.seconds,
+            "warmup": options.warmup,
+            "repeat": options.repeat,
+            "batch": BATCH,
+            "access_log": options.access_log,
+            "clock": "thread CPU time",
+        },
+        "harness_floor_us": round(floor.median_us, 3),
+        "results": comparison_rows(cells, scenarios),
+    }
+    if not options.no_layers:
+        layer_scenarios = [scenario for scenario in scenarios if scenario.name in LAYER_SCENARIOS]
+        if layer_scenarios:
+            progress(f"2. {len(LAYERS)} layers alone x {len(layer_scenarios)} scenarios")
+            layer_stacks: dict[str, ASGIApp] = {"bare": make_app(), **{name: build() for name, build in LAYERS.items()}}
+            document["layers"] = added_rows(await measure(layer_stacks, layer_scenarios, **timing), "bare")
+    if not options.no_scaling:
+        progress("3. scaling")
+        document["scaling"] = await scaling(options)
     print(json.dumps(document, indent=2) if options.json else render_table(document))
+    return document
 
 
 def main(argv: Sequence[str] | None = None) -> None:
