@@ -33,6 +33,7 @@ import os
 import pstats
 import statistics
 import time
+import timeit
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -66,8 +67,8 @@ from starlette_csrf.middleware import CSRFMiddleware as StarletteCSRFMiddleware
 # project-wide `mypy` run reads it from src/ and needs no ignore, hence `unused-ignore`).
 from common import describe, environment, progress
 from thallus import HeaderPolicy, Settings, protect
-from thallus.correlation import CorrelationIdMiddleware
-from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS, CORSMiddleware
+from thallus.correlation import CorrelationIdMiddleware, accept_or_mint, correlation_id_var, uuid7
+from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS, CORSMiddleware, decorate
 from thallus.csrf import CSRFMiddleware
 from thallus.errors import ErrorBoundaryMiddleware
 from thallus.headers import SecurityHeadersMiddleware
@@ -508,6 +509,87 @@ async def profile(app: ASGIApp, scenario: Scenario, seconds: float, top: int) ->
     return out.getvalue()
 
 
+# -- where the fast path's time goes -------------------------------------------------------------
+
+
+def _pass_through(app: ASGIApp) -> ASGIApp:
+    """The least a layer that sees the response start can cost: a frame and a send wrapper."""
+
+    async def layer(scope: Scope, receive: Receive, send: Send) -> None:
+        async def wrapped_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = message["headers"]
+            await send(message)
+
+        await app(scope, receive, wrapped_send)
+
+    return layer
+
+
+async def breakdown(options: argparse.Namespace) -> list[dict[str, Any]]:
+    """The steps of ``ProtectedApp``'s HTTP path for ``post_csrf``, each timed on its own with the
+    real functions (timeit, best of ``--repeat``), and the plumbing floor of one ASGI layer."""
+    protected = protect(make_app(), thallus_settings())
+    csrf = protected.csrf
+    assert csrf is not None, "with no limiter and no inner layer, protect() checks CSRF in its fast path"
+    scenario = {s.name: s for s in SCENARIOS}["post_csrf"]
+    request = ReplayedRequest(scenario)
+    scope = request.scope()
+    read = {b"cookie", b"sec-fetch-site", b"origin", b"referer", b"x-correlation-id", b"access-control-request-method"}
+    evidence: dict[bytes, list[bytes]] = {}
+    for name, value in scope["headers"]:
+        if name.lower() in read:
+            evidence.setdefault(name.lower(), []).append(value)
+    app_headers = [(b"content-length", b"35"), (b"content-type", b"application/json")]
+    allowed = protected.cors.allowed_origin(APP_ORIGIN.encode())
+    correlation_header = (b"x-correlation-id", uuid7().encode())
+
+    def scan() -> None:
+        found: dict[bytes, list[bytes]] = {}
+        for name, value in scope["headers"]:
+            key = name.lower()
+            if key in read:
+                values = found.get(key)
+                if values is None:
+                    found[key] = [value]
+                else:
+                    values.append(value)
+
+    def mint() -> None:
+        accept_or_mint({"headers": scope["headers"], "state": {}}, ())
+
+    def context() -> None:
+        correlation_id_var.reset(correlation_id_var.set("x"))
+
+    steps: dict[str, Callable[[], object]] = {
+        f"read the {len(scope['headers'])} request headers (one pass)": scan,
+        "mint the correlation ID (uuid7), bind it to the scope (+ a 2-key dict)": mint,
+        "  of which uuid7()": uuid7,
+        "set and reset the contextvar": context,
+        "CSRF verdict (cookie, Origin, Sec-Fetch-Site, Referer)": lambda: csrf.verdict_from(
+            "POST", evidence, scope["state"]
+        ),
+        "response headers: policy + CORS + correlation, one pass": lambda: protected._response_headers(
+            app_headers, 201, scope, allowed, correlation_header
+        ),
+        "  of which HeaderPolicy.select": lambda: protected.policy.select(201, scope),
+        "  of which cors.decorate (2 app headers)": lambda: decorate(
+            app_headers, protected._plain_tails[allowed], protected._plain_drop
+        ),
+    }
+    rows: list[dict[str, Any]] = []
+    number = 20000
+    for label, step in steps.items():
+        best = min(timeit.repeat(step, number=number, repeat=max(options.repeat, 3)))
+        rows.append({"step": label, "us": round(best / number * 1e6, 3)})
+    floor_stacks: dict[str, ASGIApp] = {"bare": make_app(), "pass-through layer": _pass_through(make_app())}
+    timing = {"seconds": options.seconds, "warmup": options.warmup, "repeat": options.repeat}
+    cells = await measure(floor_stacks, [scenario], **timing)
+    plumbing = cells[scenario.name]["pass-through layer"].median_us - cells[scenario.name]["bare"].median_us
+    rows.append({"step": "one pure-ASGI layer with a send wrapper (frame, closure, 2 sends)", "us": round(plumbing, 3)})
+    return rows
+
+
 # -- reporting ---------------------------------------------------------------------------------
 
 
@@ -654,6 +736,9 @@ def render_table(document: dict[str, Any]) -> str:
                 )
             )
         lines += _render(("case", "scenario", "bare µs", "thallus µs", "+thallus µs"), scaling_rows)
+    if document.get("breakdown"):
+        lines += ["", "4. Where the fast path's time goes (post_csrf; each step alone, best of the repetitions)", ""]
+        lines += _render(("step", "µs"), [(row["step"], f"{row['us']:.2f}") for row in document["breakdown"]])
     return "\n".join(lines)
 
 
@@ -674,6 +759,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-layers", action="store_true", help="skip table 2 (each layer alone)")
     parser.add_argument("--no-scaling", action="store_true", help="skip table 3 (origins and header counts)")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip table 4 (the fast path's steps)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument(
         "--access-log",
@@ -787,6 +873,9 @@ async def run(options: argparse.Namespace) -> dict[str, Any] | None:
     if not options.no_scaling:
         progress("3. scaling")
         document["scaling"] = await scaling(options)
+    if not options.no_breakdown:
+        progress("4. breakdown")
+        document["breakdown"] = await breakdown(options)
     print(json.dumps(document, indent=2) if options.json else render_table(document))
     return document
 
