@@ -118,7 +118,7 @@ class ProtectedApp:
 
     Composed as separate pure-ASGI layers, an HTTP request pays for every layer a coroutine frame,
     a ``send`` wrapper called once per message and its own pass over the headers — together several
-    times the layers' actual work (``benchmarks/bench_core.py --layers``). For HTTP this class
+    times the layers' actual work (table 2 of ``benchmarks/bench_core.py``). For HTTP this class
     drives the *same* layer objects from one frame instead: one pass over the request headers, one
     ``send`` wrapper that sets the security, CORS and correlation headers of a response start in one
     pass (header lists precomputed per allowed origin), the error boundary engaged only once a
@@ -126,8 +126,8 @@ class ProtectedApp:
     nothing sits between the boundary and CSRF (no rate limiter, no ``inner`` layers). Preflights,
     WebSocket and lifespan scopes go through the composed layers (:attr:`composed`).
 
-    The result is the composed layers' result, header for header: tests/test_stack.py compares the
-    two paths on generated requests and responses.
+    The result is the composed layers' result, header for header: tests/test_fast_path.py compares
+    the two paths on generated requests and application behaviours.
     """
 
     def __init__(
