@@ -1,0 +1,61 @@
+"""Every figure of docs/performance.md in one run: ``python -m benchmarks`` (or ``./run bench``).
+
+Parts, in order (``--parts`` chooses, ``--quick`` shortens every run, for a first look only):
+
+* ``core``     — bench_core.py: protect() against the bare app and the peer stack, each layer
+  alone, and the cost against the number of allowed origins and of request headers (in-process);
+* ``identity`` — bench_identity.py: what an API key (warm cache), a Bearer token and a login cost
+  in the full reference service (in-process);
+* ``service``  — bench_service.py: the reference service under uvicorn on loopback, driven by
+  ``wrk``: /health, an API-key GET, a POST with the audit log off and on, rate limiting with the
+  memory and the Redis storage, with ratios against a bare Starlette app served the same way.
+
+The rate limiter's breakdown (bench_ratelimit.py) and the audit log at a million records
+(bench_audit.py) have their own commands; see benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts import their helpers as top-level modules
+
+import bench_core
+import bench_identity
+import bench_service
+from common import progress
+
+PARTS: dict[str, tuple[Callable[[Sequence[str] | None], None], list[str], list[str]]] = {
+    # name: (entry point, default arguments, --quick arguments)
+    "core": (bench_core.main, [], ["--seconds", "0.3", "--repeat", "3", "--warmup", "0.1"]),
+    "identity": (bench_identity.main, [], ["--seconds", "0.5", "--logins", "5"]),
+    "service": (bench_service.main, [], ["--seconds", "3", "--warmup", "1"]),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--quick", action="store_true", help="short runs: noisier numbers, for a first look")
+    options = parser.parse_args(argv)
+    parts = options.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    for name in parts:
+        entry, arguments, quick = PARTS[name]
+        progress(f"== {name} ==")
+        started = time.monotonic()
+        print(f"\n## {name}\n", flush=True)
+        entry(quick if options.quick else arguments)
+        sys.stdout.flush()
+        progress(f"== {name}: {time.monotonic() - started:.0f} s ==")
+
+
+if __name__ == "__main__":
+    main()

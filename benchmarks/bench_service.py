@@ -1,0 +1,1141 @@
+"""The whole reference service under uvicorn, loaded over loopback by ``wrk``, against a bare app.
+
+Every server is a real process with one uvicorn worker on a free 127.0.0.1 port, all started
+up-front and stopped at the end (also after a failure or Ctrl-C):
+
+* ``bare`` — ``benchmarks/bare_service.py``, a plain Starlette app with the same paths, methods and
+  statuses, started with ``python -m uvicorn`` (no access log, no ``Server`` header, no proxy
+  headers: what ``thallus serve`` passes to uvicorn); the denominator of every ratio;
+* ``thallus serve`` (``tests.server.running_server``), ``THALLUS_ENV=test``, limits of
+  ``10000000/minute`` so that nothing is refused, each in a temporary ``THALLUS_DATA_DIR`` (SQLite;
+  a user and an API key made there by ``thallus users create`` / ``thallus keys create`` when a run
+  sends the key): ``default`` (audit on, rate limits in memory: the shipped configuration),
+  ``audit_off`` (``THALLUS_AUDIT_ENABLED=false``), and for the limiter, with ``/health`` no longer
+  exempt (``THALLUS_RATE_LIMIT_EXEMPT_PATHS=/metrics``): ``limit_off``
+  (``THALLUS_RATE_LIMIT_ENABLED=false``), ``limit_memory`` and ``limit_redis`` (``THALLUS_REDIS_URL`` =
+  ``THALLUS_TEST_REDIS_URL``, a key prefix of the run's own, its keys deleted at the end; left out,
+  with the reason, when Redis does not answer).
+
+Each scenario is one ``wrk`` run (closed loop, ``--connections`` connections) after an unmeasured
+warm-up run; each round runs, per kind of request, the bare app first, then the scenarios that send
+it. A Lua script counts every response's status: a run that saw any other status than the expected
+one, or a socket error, is reported invalid instead of being timed. The server's CPU time over the
+measured run is read from ``/proc/<pid>/stat`` (all its threads). ``--pin`` (default) runs wrk on
+the first CPU and the servers on the second. Run ``.venv/bin/python benchmarks/bench_service.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack, closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import coredis
+import httpx
+
+from common import describe, environment, progress
+
+BENCHMARKS = Path(__file__).resolve().parent
+ROOT = BENCHMARKS.parent
+WRK_SCRIPT = BENCHMARKS / "wrk_statuses.lua"
+PACKAGES = ("thallus", "uvicorn", "h11", "httptools", "uvloop", "starlette", "fastapi", "limits", "coredis")
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL_VARIABLE = "THALLUS_TEST_REDIS_URL"
+LIMIT = "10000000/minute"
+#: wrk counts a request still unanswered after this long as a timeout (an invalid run).
+WRK_TIMEOUT = "5s"
+EMAIL = "bench@example.com"
+PASSWORD = "Correct-Horse-Battery-9!"
+SECRET = "bench-service-secret-" + "k" * 27  # 48 characters
+SETTINGS = {
+    "THALLUS_ENV": "test",
+    "THALLUS_SECRET_KEY": SECRET,
+    "THALLUS_ALLOWED_ORIGINS": "https://app.example.com",
+    "THALLUS_PUBLIC_ORIGIN": "https://api.example.com",
+    "THALLUS_RATE_LIMIT": LIMIT,
+    "THALLUS_RATE_LIMIT_AUTH": LIMIT,
+    "THALLUS_LOG_LEVEL": "WARNING",
+}
+EXIT_INVALID = 1
+EXIT_NO_WRK = 2
+
+
+class BenchmarkError(Exception):
+    """A set-up or check that failed: reported in one message, the servers stopped, exit 1."""
+
+
+# -- what is measured --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One kind of request, sent identically (the same bytes) to the bare app and to Thallus."""
+
+    kind: str
+    method: str
+    path: str
+    status: int
+    api_key: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.path}" + (" + X-API-Key" if self.api_key else "")
+
+
+REQUESTS = {
+    request.kind: request
+    for request in (
+        Request("health", "GET", "/health", 200),
+        Request("me", "GET", "/api/v1/users/me", 200, api_key=True),
+        Request("logout", "POST", "/api/v1/auth/logout", 204),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """A ``thallus serve`` configuration: the ``THALLUS_*`` variables it adds to :data:`SETTINGS`."""
+
+    name: str
+    description: str
+    settings: Mapping[str, str]
+    rate_limited: bool = True
+    health_exempt: bool = True
+    redis: bool = False
+
+
+#: The limiter servers limit ``/health`` too, so the limiter can be measured on the cheapest request.
+HEALTH_LIMITED = {"THALLUS_RATE_LIMIT_EXEMPT_PATHS": "/metrics"}
+
+THALLUS_SERVERS = {
+    config.name: config
+    for config in (
+        ServerConfig("default", "audit on, rate limits in memory", {"THALLUS_AUDIT_ENABLED": "true"}),
+        ServerConfig("audit_off", "audit off, rate limits in memory", {"THALLUS_AUDIT_ENABLED": "false"}),
+        ServerConfig(
+            "limit_off",
+            "rate limiter off",
+            {"THALLUS_RATE_LIMIT_ENABLED": "false", **HEALTH_LIMITED},
+            rate_limited=False,
+            health_exempt=False,
+        ),
+        ServerConfig("limit_memory", "rate limits in memory, /health limited", HEALTH_LIMITED, health_exempt=False),
+        ServerConfig(
+            "limit_redis", "rate limits in Redis, /health limited", HEALTH_LIMITED, health_exempt=False, redis=True
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    server: str
+    request: str
+    description: str
+
+
+SCENARIOS = {
+    scenario.name: scenario
+    for scenario in (
+        Scenario("health", "default", "health", "liveness: every layer, no limiter (exempt), no database"),
+        Scenario("api_key_get", "default", "me", "API key (cached) + the user read from the database"),
+        Scenario("post_audit_off", "audit_off", "logout", "state-changing POST, audit off"),
+        Scenario("post_audit_on", "default", "logout", "the same, one `request` audit record each"),
+        # the request of the three ratelimit_* scenarios is --ratelimit-request's (default health)
+        Scenario("ratelimit_off", "limit_off", "health", "THALLUS_RATE_LIMIT_ENABLED=false"),
+        Scenario("ratelimit_memory", "limit_memory", "health", "limiter on, memory storage"),
+        Scenario("ratelimit_redis", "limit_redis", "health", "limiter on, Redis storage (THALLUS_REDIS_URL)"),
+    )
+}
+
+
+# -- wrk ---------------------------------------------------------------------------------------
+
+
+def ensure_wrk() -> str:
+    """The path of ``wrk``, installed with apt-get when missing and running as root; else exit 2."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        progress("wrk is not on PATH and this is not root, so it cannot be installed: apt-get install wrk")
+        raise SystemExit(EXIT_NO_WRK)
+    progress("wrk is not on PATH: apt-get update && apt-get install -y wrk")
+    apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "wrk"]):
+        done = subprocess.run(command, env=apt_env, capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            progress(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-1000:]}")
+            raise SystemExit(EXIT_NO_WRK)
+    found = shutil.which("wrk")
+    if not found:
+        progress("apt-get installed wrk but it is still not on PATH")
+        raise SystemExit(EXIT_NO_WRK)
+    return found
+
+
+def wrk_version(wrk: str) -> str:
+    """``wrk 4.1.0 [epoll] …``'s version (``wrk -v`` prints it and exits 1)."""
+    done = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10, check=False)
+    match = re.search(r"wrk (\S+)", done.stdout + done.stderr)
+    return match.group(1) if match else "unknown"
+
+
+@dataclass
+class WrkRun:
+    """What one wrk run measured, from the JSON line ``wrk_statuses.lua`` prints."""
+
+    requests: int
+    seconds: float
+    statuses: dict[int, int]
+    errors: dict[str, int]
+    latency_us: dict[str, float]
+    server_cpu_seconds: float = 0.0
+    wrk_cpu_seconds: float = 0.0
+    #: CPU time the whole machine spent beyond the server's and wrk's: other load, and Redis
+    other_cpu_seconds: float = 0.0
+    output: str = ""
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def non_2xx(self) -> int:
+        return sum(count for status, count in self.statuses.items() if not 200 <= status < 300)
+
+    @property
+    def socket_errors(self) -> int:
+        return sum(self.errors[name] for name in ("connect", "read", "write", "timeout"))
+
+    def problems(self, expected: int) -> list[str]:
+        """Why the run must not be timed: any status but ``expected``, a socket error, no answer."""
+        found = []
+        if unexpected := {status: count for status, count in self.statuses.items() if status != expected}:
+            found.append(f"statuses other than {expected}: {unexpected}")
+        if self.socket_errors:
+            found.append(f"socket errors: {self.errors}")
+        if not self.requests:
+            found.append("no request answered")
+        return found
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "seconds": self.seconds,
+            "requests_per_second": self.requests_per_second,
+            "p50_ms": self.latency_us["p50"] / 1000,
+            "p90_ms": self.latency_us["p90"] / 1000,
+            "p99_ms": self.latency_us["p99"] / 1000,
+            "p999_ms": self.latency_us["p999"] / 1000,
+            "max_ms": self.latency_us["max"] / 1000,
+            "statuses": {str(status): count for status, count in sorted(self.statuses.items())},
+            "non_2xx": self.non_2xx,
+            "errors": self.errors,
+            "server_cpu_seconds": self.server_cpu_seconds,
+            "server_cpu_us_per_request": self.server_cpu_seconds / self.requests * 1e6 if self.requests else None,
+            "server_cpu_share": self.server_cpu_seconds / self.seconds if self.seconds else None,
+            "wrk_cpu_share": self.wrk_cpu_seconds / self.seconds if self.seconds else None,
+            "other_cpu_share": self.other_cpu_seconds / self.seconds if self.seconds else None,
+            "wrk_output": self.output,
+        }
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all CPUs spent busy (``/proc/stat``: user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Load:
+    """How wrk is run: the binary, its shape, and the CPU it is pinned to (``None``: unpinned)."""
+
+    wrk: str
+    connections: int
+    threads: int
+    cpu: int | None
+
+    def command(self, url: str, request: Request, headers: Sequence[str], seconds: int) -> list[str]:
+        pin = ["taskset", "-c", str(self.cpu)] if self.cpu is not None else []
+        header_args = [argument for header in headers for argument in ("-H", header)]
+        return [
+            *pin,
+            self.wrk,
+            "-t",
+            str(self.threads),
+            "-c",
+            str(self.connections),
+            "-d",
+            f"{seconds}s",
+            "--timeout",
+            WRK_TIMEOUT,
+            "--latency",
+            "-s",
+            str(WRK_SCRIPT),
+            *header_args,
+            url + request.path,
+            "--",
+            request.method,
+        ]
+
+    def run(self, url: str, pid: int, request: Request, headers: Sequence[str], seconds: int) -> WrkRun:
+        """One bounded wrk run; the server's CPU time and wrk's are read around it."""
+        command = self.command(url, request, headers, seconds)
+        server_before, wrk_before, busy_before = (
+            process_cpu_seconds(pid),
+            children_cpu_seconds(),
+            machine_busy_seconds(),
+        )
+        done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=False)
+        server_cpu = process_cpu_seconds(pid) - server_before
+        wrk_cpu = children_cpu_seconds() - wrk_before
+        other_cpu = max(0.0, machine_busy_seconds() - busy_before - server_cpu - wrk_cpu)
+        line = next((line for line in done.stdout.splitlines() if line.startswith("BENCH_SERVICE ")), None)
+        if done.returncode != 0 or line is None:
+            raise BenchmarkError(
+                f"wrk failed ({done.returncode}): {' '.join(command)}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
+        data = json.loads(line.removeprefix("BENCH_SERVICE "))
+        return WrkRun(
+            requests=int(data["requests"]),
+            seconds=data["duration_us"] / 1e6,
+            statuses={int(status): int(count) for status, count in data["statuses"].items()},
+            errors={name: int(count) for name, count in data["errors"].items()},
+            latency_us={name: float(value) for name, value in data["latency_us"].items()},
+            server_cpu_seconds=server_cpu,
+            wrk_cpu_seconds=wrk_cpu,
+            other_cpu_seconds=other_cpu,
+            output="\n".join(line for line in done.stdout.splitlines() if not line.startswith("BENCH_SERVICE ")),
+        )
+
+
+# -- servers -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """A running server process: its URL and pid, the credential it expects, its last output lines."""
+
+    name: str
+    description: str
+    url: str
+    process: subprocess.Popen[str]
+    settings: dict[str, str] = field(default_factory=dict)
+    #: the variables that set this server apart from :data:`SETTINGS`
+    variables: dict[str, str] = field(default_factory=dict)
+    api_key: str | None = None
+    data_dir: str | None = None
+    rate_limited: bool = False
+    health_exempt: bool = True
+    uses_redis: bool = False
+    thallus: bool = True
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def drain(self) -> None:
+        """Read the server's output in a thread, so a chatty server can never block on a full pipe."""
+        stream = self.process.stdout
+        if stream is None:
+            return
+
+        def read(stream: IO[str] = stream) -> None:
+            for line in stream:
+                self.output.append(line.rstrip())
+
+        threading.Thread(target=read, name=f"drain-{self.name}", daemon=True).start()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def headers(self, request: Request) -> list[str]:
+        if not request.api_key:
+            return []
+        # the bare app gets the same header (a key it does not read), so both parse the same bytes
+        return [f"X-API-Key: {self.api_key or 'thal_' + 'x' * 43}"]
+
+
+def clean_environment(settings: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without ``THALLUS_*`` (the developer's own), plus ``settings``."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("THALLUS_")}
+    env.update(settings)
+    return env
+
+
+def test_helpers() -> tuple[Callable[[], int], str, Any]:
+    """``tests.server``'s ``free_port``, ``thallus`` executable and ``running_server`` (repository root on the path)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.server import THALLUS, free_port, running_server
+
+    return free_port, THALLUS, running_server
+
+
+def wait_until_up(process: subprocess.Popen[str], url: str, name: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise BenchmarkError(f"{name} exited with {process.returncode}: {output.strip()[-2000:]}")
+        try:
+            httpx.get(url + "/health", timeout=1)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise BenchmarkError(f"{name} did not answer at {url} within 20 s") from None
+            time.sleep(0.1)
+
+
+def start_bare(stack: ExitStack) -> Served:
+    free_port, _, _ = test_helpers()
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(BENCHMARKS),
+        "bare_service:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--no-server-header",
+        "--no-proxy-headers",
+    ]
+    process = subprocess.Popen(
+        command, env=clean_environment({}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    served = Served("bare", "plain Starlette app, no middleware", f"http://127.0.0.1:{port}", process, thallus=False)
+    stack.callback(served.stop)
+    wait_until_up(process, served.url, "the bare app")
+    served.drain()
+    return served
+
+
+def thallus_cli(env: Mapping[str, str], *args: str, stdin: str | None = None) -> str:
+    _, thallus, _ = test_helpers()
+    done = subprocess.run(
+        [thallus, *args], env=dict(env), input=stdin, capture_output=True, text=True, timeout=120, check=False
+    )
+    if done.returncode != 0:
+        raise BenchmarkError(f"thallus {' '.join(args[:2])} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def start_thallus(stack: ExitStack, config: ServerConfig, redis: RedisTarget | None, *, needs_key: bool) -> Served:
+    """A data directory, a user with an API key made by the CLI in it (when a run sends the key),
+    then ``thallus serve`` on it."""
+    _, _, running_server = test_helpers()
+    data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"thallus-bench-service-{config.name}-"))
+    settings = {**SETTINGS, **config.settings, "THALLUS_DATA_DIR": data_dir}
+    if config.redis:
+        assert redis is not None
+        settings |= {"THALLUS_REDIS_URL": redis.url, "THALLUS_REDIS_KEY_PREFIX": redis.prefix}
+    env = clean_environment(settings)
+    api_key = None
+    if needs_key:
+        thallus_cli(env, "users", "create", "--email", EMAIL, "--password", "-", "--api-access", stdin=PASSWORD + "\n")
+        api_key = thallus_cli(env, "keys", "create", "--email", EMAIL, "--name", "bench-service")
+    try:
+        server = stack.enter_context(running_server(settings))
+    except RuntimeError as exc:  # running_server's report of a server that exited or never answered
+        raise BenchmarkError(f"thallus serve ({config.name}: {config.description}) did not start: {exc}") from None
+    served = Served(
+        config.name,
+        config.description,
+        server.url,
+        server.process,
+        settings={name: value for name, value in settings.items() if name != "THALLUS_SECRET_KEY"},
+        variables={
+            name: value for name, value in settings.items() if name not in SETTINGS and name != "THALLUS_DATA_DIR"
+        },
+        api_key=api_key,
+        data_dir=data_dir,
+        rate_limited=config.rate_limited,
+        health_exempt=config.health_exempt,
+        uses_redis=config.redis,
+    )
+    served.drain()
+    return served
+
+
+def pin(served: Served, cpu: int) -> None:
+    """Every thread of the server on ``cpu`` (what ``taskset -a -p -c CPU PID`` does); new threads inherit it."""
+    for task in Path(f"/proc/{served.pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), {cpu})
+        except ProcessLookupError:  # a thread that has just ended
+            continue
+
+
+# -- Redis -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RedisTarget:
+    url: str
+    #: a key prefix of this run's own; every key the ``limit_redis`` server creates starts with it
+    prefix: str
+    version: str | None = None
+    keys_deleted: int = 0
+
+    @property
+    def display_url(self) -> str:
+        """The URL without credentials."""
+        parts = urlsplit(self.url)
+        if parts.username is None and parts.password is None:
+            return self.url
+        host = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
+        return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+    def client(self) -> coredis.Redis[bytes]:
+        return coredis.Redis.from_url(self.url, connect_timeout=2, stream_timeout=2)
+
+    def call(self, operation: Callable[[coredis.Redis[bytes]], Any]) -> Any:
+        """Run one coroutine-returning operation on a fresh client (this script is synchronous)."""
+
+        async def run() -> Any:
+            return await asyncio.wait_for(operation(self.client()), timeout=10)
+
+        return asyncio.run(run())
+
+    def connect(self) -> None:
+        info = self.call(lambda client: client.info("server"))
+        version = info.get("redis_version")
+        self.version = version.decode() if isinstance(version, bytes) else str(version)
+
+    def keys(self) -> list[bytes]:
+        async def scan(client: coredis.Redis[bytes]) -> list[bytes]:
+            return [key async for key in client.scan_iter(match=f"{self.prefix}*")]
+
+        keys: list[bytes] = self.call(scan)
+        return keys
+
+    def delete_keys(self) -> None:
+        """SCAN + DEL every key under the run's prefix."""
+
+        async def delete(client: coredis.Redis[bytes]) -> int:
+            keys = [key async for key in client.scan_iter(match=f"{self.prefix}*")]
+            deleted = 0
+            for start in range(0, len(keys), 1000):
+                deleted += await client.delete(tuple(keys[start : start + 1000]))
+            return deleted
+
+        self.keys_deleted += int(self.call(delete))
+
+    def cpu_seconds(self) -> float:
+        """The Redis server's own CPU time (``INFO cpu``, main thread and the rest)."""
+        info = self.call(lambda client: client.info("cpu"))
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def connect_redis(skip: bool) -> tuple[RedisTarget | None, str | None]:
+    """The run's Redis target, or ``None`` and the reason the ``redis`` server is left out."""
+    target = RedisTarget(
+        os.environ.get(REDIS_URL_VARIABLE, DEFAULT_REDIS_URL),
+        f"thallus-bench-service-{os.getpid()}-{secrets.token_hex(4)}",
+    )
+    if skip:
+        return None, "--no-redis"
+    try:
+        target.connect()
+    except Exception as exc:  # any failure to reach it: leave the Redis scenario out, say why
+        return None, f"Redis at {target.display_url} is not reachable: {type(exc).__name__}: {exc}"
+    return target, None
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def check_request(served: Served, request: Request, redis: RedisTarget | None) -> None:
+    """Send the scenario's request once and check it is answered as the run assumes, so a
+    misconfiguration (a refusal, a limiter that is off or failing open) is never timed."""
+    headers = dict(header.split(": ", 1) for header in served.headers(request))
+    if request.method != "GET":
+        headers["Content-Length"] = "0"
+    response = httpx.request(request.method, served.url + request.path, headers=headers, timeout=10)
+    problems = []
+    if response.status_code != request.status:
+        problems.append(f"status {response.status_code}, expected {request.status}: {response.text[:300]}")
+    if served.thallus:
+        if "x-correlation-id" not in response.headers or response.headers.get("x-content-type-options") != "nosniff":
+            problems.append("no X-Correlation-ID / security headers: not the Thallus stack?")
+        limited = "ratelimit-policy" in response.headers
+        if limited != (served.rate_limited and not (request.path == "/health" and served.health_exempt)):
+            problems.append(f"RateLimit-Policy header {'present' if limited else 'missing'}")
+        if served.uses_redis and redis is not None and not redis.keys():
+            problems.append(f"no Redis key under {redis.prefix!r}: the limiter is not using Redis")
+    if request.kind == "me" and response.status_code == 200 and response.json().get("email") != EMAIL:
+        problems.append(f"unexpected body {response.text[:300]}")
+    if problems:
+        raise BenchmarkError(f"{served.name}: {request.label}: " + "; ".join(problems))
+
+
+def count_request_records(served: Served) -> int | None:
+    """``request`` audit records in a stopped server's SQLite database."""
+    if served.data_dir is None:
+        return None
+    path = Path(served.data_dir) / "thallus.db"
+    with closing(sqlite3.connect(path)) as connection:
+        return int(connection.execute("SELECT count(*) FROM audit_logs WHERE action = 'request'").fetchone()[0])
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    round_number: int
+    name: str
+    server: str
+    request: Request
+    warmup: WrkRun | None
+    run: WrkRun
+    problems: list[str]
+    redis_cpu_seconds: float | None = None
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "round": self.round_number,
+            "name": self.name,
+            "server": self.server,
+            "request": self.request.label,
+            "valid": self.valid,
+            "problems": self.problems,
+            "warmup": self.warmup.document() if self.warmup else None,
+            "measured": self.run.document(),
+            "redis_cpu_us_per_request": (
+                self.redis_cpu_seconds / self.run.requests * 1e6
+                if self.redis_cpu_seconds is not None and self.run.requests
+                else None
+            ),
+        }
+
+
+def bare_name(kind: str) -> str:
+    return f"bare/{kind}"
+
+
+def measure(
+    load: Load,
+    served: Served,
+    request: Request,
+    *,
+    name: str,
+    round_number: int,
+    options: argparse.Namespace,
+    redis: RedisTarget | None,
+) -> Measured:
+    """A warm-up run, then the measured run (with the Redis server's CPU time around it, for ``redis``)."""
+    headers = served.headers(request)
+    warmup = None
+    if options.warmup > 0:
+        warmup = load.run(served.url, served.pid, request, headers, options.warmup)
+    redis_before = redis.cpu_seconds() if served.uses_redis and redis is not None else None
+    run = load.run(served.url, served.pid, request, headers, options.seconds)
+    redis_cpu = redis.cpu_seconds() - redis_before if redis is not None and redis_before is not None else None
+    problems = run.problems(request.status)
+    if warmup is not None:
+        problems += [f"warm-up: {problem}" for problem in warmup.problems(request.status)]
+    measured = Measured(round_number, name, served.name, request, warmup, run, problems, redis_cpu)
+    latency = run.latency_us
+    progress(
+        f"  round {round_number} {name:<16} {run.requests_per_second:8.0f} req/s  p50 {latency['p50'] / 1000:6.2f}  "
+        f"p99 {latency['p99'] / 1000:6.2f} ms  CPU {run.server_cpu_seconds / max(run.requests, 1) * 1e6:5.0f} µs/req  "
+        f"other CPU {run.other_cpu_seconds / run.seconds * 100:3.0f} %  statuses {run.statuses}"
+        + (f"  INVALID: {'; '.join(problems)}" if problems else "")
+    )
+    return measured
+
+
+def plan(scenarios: Sequence[str], ratelimit_request: str) -> list[tuple[str, str, str]]:
+    """One round's runs in order, ``(name, server, request kind)``: per kind of request, the bare
+    run first, then the scenarios that send it (so each ratio compares runs minutes apart at most)."""
+    kinds = {
+        name: ratelimit_request if name.startswith("ratelimit_") else SCENARIOS[name].request for name in scenarios
+    }
+    order = []
+    for kind in REQUESTS:
+        chosen = [name for name in SCENARIOS if kinds.get(name) == kind]
+        if chosen:
+            order.append((bare_name(kind), "bare", kind))
+            order += [(name, SCENARIOS[name].server, kind) for name in chosen]
+    return order
+
+
+def run(options: argparse.Namespace) -> dict[str, Any]:
+    wrk = ensure_wrk()
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = options.pin and len(cpus) >= 2 and shutil.which("taskset") is not None
+    load = Load(wrk, options.connections, options.threads, cpus[0] if pinned else None)
+    server_cpu = cpus[1] if pinned else None
+    redis: RedisTarget | None = None
+    redis_skipped: str | None = "not needed"
+    if "ratelimit_redis" in options.scenarios:
+        redis, redis_skipped = connect_redis(options.no_redis)
+        if redis is None:
+            progress(f"ratelimit_redis left out: {redis_skipped}")
+            options.scenarios = [name for name in options.scenarios if name != "ratelimit_redis"]
+    document: dict[str, Any] = {
+        "benchmark": "thallus bench_service",
+        "environment": environment(PACKAGES),
+        "wrk": {"path": wrk, "version": wrk_version(wrk)},
+        "options": {
+            "seconds": options.seconds,
+            "warmup": options.warmup,
+            "connections": options.connections,
+            "threads": options.threads,
+            "rounds": options.rounds,
+            "scenarios": options.scenarios,
+            "pin": options.pin,
+            "timeout": WRK_TIMEOUT,
+            "limit": LIMIT,
+            "ratelimit_request": options.ratelimit_request,
+        },
+        "pinning": {"wrk_cpu": load.cpu, "server_cpu": server_cpu, "cpus": cpus}
+        if pinned
+        else {"wrk_cpu": None, "server_cpu": None, "cpus": cpus},
+        "redis": {
+            "url": redis.display_url if redis else None,
+            "version": redis.version if redis else None,
+            "prefix": redis.prefix if redis else None,
+            "skipped": redis_skipped,
+        },
+    }
+    order = plan(options.scenarios, options.ratelimit_request)
+    if not order:
+        raise BenchmarkError(f"nothing left to run: ratelimit_redis left out ({redis_skipped})")
+    needed = {server for _, server, _ in order}
+    measured: list[Measured] = []
+    servers: dict[str, Served] = {}
+    with ExitStack() as stack:
+        if redis is not None:
+            stack.callback(redis.delete_keys)
+        progress(f"starting {len(needed)} servers (all up-front, one uvicorn worker each): {', '.join(sorted(needed))}")
+        if "bare" in needed:
+            servers["bare"] = start_bare(stack)
+        for name, config in THALLUS_SERVERS.items():
+            if name in needed:
+                needs_key = any(server == name and REQUESTS[kind].api_key for _, server, kind in order)
+                servers[name] = start_thallus(stack, config, redis, needs_key=needs_key)
+        for _, server_name, kind in order:
+            check_request(servers[server_name], REQUESTS[kind], redis)
+        for served in servers.values():
+            progress(f"  {served.name:<12} {served.url}  pid {served.pid}  ({served.description})")
+        progress(
+            f"{options.rounds} round(s) of {len(order)} runs, each {options.warmup} s warm-up + {options.seconds} s, "
+            f"{options.connections} connections, {options.threads} wrk thread(s), "
+            + (f"wrk on CPU {load.cpu}, servers on CPU {server_cpu}" if pinned else "unpinned")
+        )
+        for round_number in range(1, options.rounds + 1):
+            for name, server_name, kind in order:
+                served = servers[server_name]
+                if server_cpu is not None:
+                    pin(served, server_cpu)
+                measured.append(
+                    measure(
+                        load, served, REQUESTS[kind], name=name, round_number=round_number, options=options, redis=redis
+                    )
+                )
+        for served in servers.values():
+            served.stop()  # flushes the audit writers before their records are counted
+        document["servers"] = {
+            served.name: {
+                "url": served.url,
+                "pid": served.pid,
+                "description": served.description,
+                "settings": served.settings,
+                "variables": served.variables,
+                "exit_code": served.process.returncode,
+                "output": list(served.output),
+            }
+            for served in servers.values()
+        }
+        document["audit_records"] = audit_check(servers, measured, order, options.connections)
+    if redis is not None:
+        document["redis"]["keys_deleted"] = redis.keys_deleted
+    document["runs"] = [item.document() for item in measured]
+    document["summary"] = summarise(measured, [name for name, _, _ in order])
+    document["comparisons"] = compare(document["summary"])
+    return document
+
+
+def audit_check(
+    servers: Mapping[str, Served], measured: Sequence[Measured], order: Sequence[tuple[str, str, str]], connections: int
+) -> dict[str, Any]:
+    """Per ``thallus serve``: the POSTs wrk counted as answered (warm-ups and the check request
+    included) and the ``request`` records stored. wrk does not count requests still in flight
+    when it stops, so up to ``connections`` more per wrk run may have been answered and recorded."""
+    result = {}
+    for served in servers.values():
+        if not served.thallus:
+            continue
+        runs = [item for item in measured if item.server == served.name and item.request.method == "POST"]
+        answered = sum(item.run.requests + (item.warmup.requests if item.warmup else 0) for item in runs)
+        checks = sum(1 for _, server, kind in order if server == served.name and kind == "logout")
+        result[served.name] = {
+            "posts_answered": answered + checks,
+            "wrk_runs": sum(2 if item.warmup else 1 for item in runs),
+            "connections": connections,
+            "request_records": count_request_records(served),
+            "audit_enabled": served.settings.get("THALLUS_AUDIT_ENABLED") == "true",
+        }
+    return result
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarise(measured: Sequence[Measured], names: Sequence[str]) -> dict[str, Any]:
+    """Per scenario (and bare run): the median over its valid rounds, and per-round ratios to the
+    bare run of the same request in the same round, also as medians."""
+    bare = {(item.round_number, item.request.kind): item for item in measured if item.server == "bare" and item.valid}
+    summary: dict[str, Any] = {}
+    for name in names:
+        runs = [item for item in measured if item.name == name]
+        valid = [item for item in runs if item.valid]
+        docs = [item.run.document() for item in valid]
+
+        def middle(key: str, docs: list[dict[str, Any]] = docs) -> float | None:
+            return median([doc[key] for doc in docs if doc[key] is not None])
+
+        ratios: dict[str, list[float]] = {"rps": [], "p50": [], "p99": [], "cpu": []}
+        for item in valid:
+            base = bare.get((item.round_number, item.request.kind))
+            if base is None or item.server == "bare":
+                continue
+            mine, theirs = item.run.document(), base.run.document()
+            ratios["rps"].append(mine["requests_per_second"] / theirs["requests_per_second"])
+            ratios["p50"].append(mine["p50_ms"] / theirs["p50_ms"])
+            ratios["p99"].append(mine["p99_ms"] / theirs["p99_ms"])
+            ratios["cpu"].append(mine["server_cpu_us_per_request"] / theirs["server_cpu_us_per_request"])
+        redis_cpu = [
+            item.redis_cpu_seconds / item.run.requests * 1e6
+            for item in valid
+            if item.redis_cpu_seconds is not None and item.run.requests
+        ]
+        first = runs[0]
+        summary[name] = {
+            "server": first.server,
+            "request": first.request.label,
+            "rounds": len(runs),
+            "valid_rounds": len(valid),
+            "problems": [problem for item in runs for problem in item.problems],
+            "non_2xx": sum(item.run.non_2xx + (item.warmup.non_2xx if item.warmup else 0) for item in runs),
+            "requests_per_second": middle("requests_per_second"),
+            "p50_ms": middle("p50_ms"),
+            "p90_ms": middle("p90_ms"),
+            "p99_ms": middle("p99_ms"),
+            "server_cpu_us_per_request": middle("server_cpu_us_per_request"),
+            "server_cpu_share": middle("server_cpu_share"),
+            "wrk_cpu_share": middle("wrk_cpu_share"),
+            "other_cpu_share": middle("other_cpu_share"),
+            "redis_cpu_us_per_request": median(redis_cpu),
+            "vs_bare": {key: median(values) for key, values in ratios.items()},
+        }
+    return summary
+
+
+def _ratio(summary: Mapping[str, Any], top: str, bottom: str, key: str) -> float | None:
+    a, b = summary.get(top, {}).get(key), summary.get(bottom, {}).get(key)
+    return a / b if a is not None and b else None
+
+
+def _difference(summary: Mapping[str, Any], top: str, bottom: str, key: str) -> float | None:
+    a, b = summary.get(top, {}).get(key), summary.get(bottom, {}).get(key)
+    return a - b if a is not None and b is not None else None
+
+
+def compare(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Audit on vs off, and each limiter vs none, from the medians."""
+    pairs = {
+        "audit_on_vs_off": ("post_audit_on", "post_audit_off"),
+        "ratelimit_memory_vs_off": ("ratelimit_memory", "ratelimit_off"),
+        "ratelimit_redis_vs_off": ("ratelimit_redis", "ratelimit_off"),
+    }
+    result = {}
+    for label, (top, bottom) in pairs.items():
+        if top in summary and bottom in summary:
+            result[label] = {
+                "requests_per_second": _ratio(summary, top, bottom, "requests_per_second"),
+                "p50": _ratio(summary, top, bottom, "p50_ms"),
+                "p99": _ratio(summary, top, bottom, "p99_ms"),
+                "server_cpu_us_added": _difference(summary, top, bottom, "server_cpu_us_per_request"),
+            }
+    return result
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
+    """Columns padded to their widest cell; the first ``left`` columns left-aligned."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for index, row in enumerate([header, *rows]):
+        cells = [
+            value.ljust(width) if column < left else value.rjust(width)
+            for column, (value, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return lines
+
+
+def _number(value: float | None, form: str = ".2f") -> str:
+    return "-" if value is None or math.isnan(value) else format(value, form)
+
+
+def render(document: dict[str, Any]) -> str:
+    options = document["options"]
+    pinning = document["pinning"]
+    pinned = (
+        f"wrk pinned to CPU {pinning['wrk_cpu']}, servers to CPU {pinning['server_cpu']} (taskset)"
+        if pinning["wrk_cpu"] is not None
+        else "unpinned: wrk and the server share the CPUs"
+    )
+    lines = [
+        *describe(document["environment"]),
+        f"wrk {document['wrk']['version']}: {options['connections']} connections, {options['threads']} thread(s), "
+        f"{options['seconds']} s measured after {options['warmup']} s warm-up, {options['rounds']} round(s), "
+        f"closed loop; {pinned}",
+        f"servers: one uvicorn worker each on 127.0.0.1, all up-front; limits {options['limit']}",
+        "",
+    ]
+    header = (
+        "run",
+        "server",
+        "request",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "non-2xx",
+        "CPU µs/req",
+        "server CPU",
+        "wrk CPU",
+        "other CPU",
+        "req/s ×bare",
+        "p50 ×bare",
+        "p99 ×bare",
+    )
+    rows: list[tuple[str, ...]] = []
+    for name, item in document["summary"].items():
+        ratios = item["vs_bare"]
+        if not item["valid_rounds"]:
+            invalid = (name, item["server"], item["request"], "INVALID", "-", "-", "-", str(item["non_2xx"]))
+            rows.append(invalid + ("-",) * (len(header) - len(invalid)))
+            continue
+        rows.append(
+            (
+                name,
+                item["server"],
+                item["request"],
+                _number(item["requests_per_second"], ",.0f"),
+                _number(item["p50_ms"]),
+                _number(item["p90_ms"]),
+                _number(item["p99_ms"]),
+                str(item["non_2xx"]),
+                _number(item["server_cpu_us_per_request"], ".0f"),
+                _number(item["server_cpu_share"] * 100 if item["server_cpu_share"] is not None else None, ".0f") + " %",
+                _number(item["wrk_cpu_share"] * 100 if item["wrk_cpu_share"] is not None else None, ".0f") + " %",
+                _number(item["other_cpu_share"] * 100 if item["other_cpu_share"] is not None else None, ".0f") + " %",
+                _number(ratios["rps"], ".3f"),
+                _number(ratios["p50"], ".2f"),
+                _number(ratios["p99"], ".2f"),
+            )
+        )
+    lines += _table(header, rows, left=3)
+    lines += ["", *legend(document), "", *notes(document)]
+    return "\n".join(lines)
+
+
+def legend(document: dict[str, Any]) -> list[str]:
+    """One line per server: what it is and the variables that set it apart from :data:`SETTINGS`."""
+    common = ", ".join(f"{name}={value}" for name, value in SETTINGS.items() if name != "THALLUS_SECRET_KEY")
+    lines = [f"servers (thallus serve: {common}, a 48-character secret, SQLite in a temporary THALLUS_DATA_DIR):"]
+    for name, server in document.get("servers", {}).items():
+        variables = " ".join(f"{variable}={value}" for variable, value in server["variables"].items())
+        lines.append(f"  {name:<13} {server['description']}" + (f" [{variables}]" if variables else ""))
+    return lines
+
+
+def notes(document: dict[str, Any]) -> list[str]:
+    found = []
+    comparisons = document["comparisons"]
+    summary = document["summary"]
+    if audit := comparisons.get("audit_on_vs_off"):
+        found.append(
+            f"audit on/off (POST): p99 ×{_number(audit['p99'], '.3f')}, p50 ×{_number(audit['p50'], '.3f')}, "
+            f"req/s ×{_number(audit['requests_per_second'], '.3f')}, "
+            f"server CPU {_number(audit['server_cpu_us_added'], '+.0f')} µs/req"
+        )
+    for label, storage in (("ratelimit_memory_vs_off", "memory"), ("ratelimit_redis_vs_off", "Redis")):
+        if limiter := comparisons.get(label):
+            found.append(
+                f"rate limiter ({storage}) vs off: req/s ×{_number(limiter['requests_per_second'], '.3f')}, "
+                f"p50 ×{_number(limiter['p50'], '.3f')}, p99 ×{_number(limiter['p99'], '.3f')}, "
+                f"server CPU {_number(limiter['server_cpu_us_added'], '+.0f')} µs/req"
+            )
+    if (redis_cpu := summary.get("ratelimit_redis", {}).get("redis_cpu_us_per_request")) is not None:
+        found.append(f"Redis server CPU during ratelimit_redis: {redis_cpu:.0f} µs/req (INFO cpu)")
+    redis = document["redis"]
+    if redis["skipped"] and redis["skipped"] != "not needed":
+        found.append(f"ratelimit_redis left out: {redis['skipped']}")
+    elif redis["url"]:
+        found.append(
+            f"Redis {redis['version']} at {redis['url']}, key prefix {redis['prefix']}: "
+            f"{redis.get('keys_deleted', 0)} keys left to delete at the end (SCAN + DEL; a key idle for a whole "
+            "window has expired by itself)"
+        )
+    for name, check in document.get("audit_records", {}).items():
+        records = check["request_records"]
+        if not check["posts_answered"] and not records:
+            continue
+        if check["audit_enabled"]:
+            verdict = (
+                "one per POST"
+                if records is not None
+                and 0 <= records - check["posts_answered"] <= check["wrk_runs"] * check["connections"]
+                else "MISMATCH"
+            )
+        else:
+            verdict = "none, as audit is off" if records == 0 else "MISMATCH"
+        found.append(
+            f"audit records of {name}: {records:,} `request` records for {check['posts_answered']:,} POSTs wrk "
+            f"counted (+ those in flight when each of {check['wrk_runs']} wrk runs stopped): {verdict}"
+        )
+    for name, item in summary.items():
+        if item["problems"]:
+            found.append(f"INVALID {name}: " + "; ".join(item["problems"]))
+    for name, server in document.get("servers", {}).items():
+        if server["output"]:
+            found.append(
+                f"{name} server wrote (last lines): " + " | ".join(line[:200] for line in server["output"][-3:])
+            )
+    return found
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10, help="measured seconds per wrk run (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured wrk seconds before each run (default 2)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of every run (default 1); medians shown")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}"
+    )
+    parser.add_argument(
+        "--ratelimit-request",
+        choices=("health", "me"),
+        default="health",
+        help="request of the ratelimit_* scenarios: GET /health, no longer exempt on their servers (default), "
+        "or me: GET /api/v1/users/me with the API key",
+    )
+    parser.add_argument("--no-redis", action="store_true", help="leave out ratelimit_redis")
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pin wrk to the first CPU and the servers to the second (default on)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    options = parser.parse_args(argv)
+    scenarios = [name.strip() for name in options.scenarios.split(",") if name.strip()]
+    if unknown := set(scenarios) - set(SCENARIOS):
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    options.scenarios = [name for name in SCENARIOS if name in scenarios]
+    if not options.scenarios:
+        parser.error("no scenario chosen")
+    if options.seconds < 1 or options.warmup < 0 or options.rounds < 1 or options.threads < 1:
+        parser.error("--seconds, --rounds and --threads must be >= 1, --warmup >= 0")
+    if options.connections < options.threads:
+        parser.error("--connections must be at least --threads")
+    return options
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the servers are stopped and the Redis keys deleted."""
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    options = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        document = run(options)
+    except BenchmarkError as exc:
+        progress(f"bench_service: {exc}")
+        raise SystemExit(EXIT_INVALID) from None
+    except KeyboardInterrupt:
+        progress("bench_service: interrupted; servers stopped")
+        raise SystemExit(130) from None
+    print(json.dumps(document, indent=2, default=str) if options.json else render(document))
+    if any(not item["valid"] for item in document["runs"]):
+        raise SystemExit(EXIT_INVALID)
+
+
+if __name__ == "__main__":
+    main()
