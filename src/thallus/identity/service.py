@@ -410,6 +410,8 @@ class Identity:
 
     async def logout(self, *, raw_refresh: str | None, session_id: str | None, client: ClientInfo) -> None:
         """End the session named by the refresh cookie or the access token (idempotent)."""
+        if not raw_refresh and not session_id:
+            return  # nothing names a session: no database round trip
         async with self.database.session() as db:
             session = None
             if raw_refresh:
