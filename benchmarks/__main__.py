@@ -32,7 +32,7 @@ from common import progress
 PARTS: dict[str, tuple[Callable[[Sequence[str] | None], None], list[str], list[str]]] = {
     # name: (entry point, default arguments, --quick arguments)
     "core": (bench_core.main, [], ["--seconds", "0.3", "--repeat", "3", "--warmup", "0.1"]),
-    "identity": (bench_identity.main, [], ["--seconds", "0.5", "--logins", "5"]),
+    "identity": (bench_identity.main, [], ["--seconds", "0.3", "--rounds", "3", "--logins", "5"]),
     "service": (bench_service.main, [], ["--seconds", "3", "--warmup", "1"]),
 }
 

@@ -13,6 +13,7 @@ and the server agree. Test and production refuse to start without a secret (sett
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
@@ -55,8 +56,10 @@ def _create_atomically(path: Path, content: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
+@functools.lru_cache(maxsize=64)
 def _derive(secret: bytes, purpose: str) -> bytes:
-    return hmac.new(secret, b"thallus/" + purpose.encode(), hashlib.sha256).digest()
+    """The key of one purpose under one secret; derived once (the API-key check runs per request)."""
+    return hmac.digest(secret, b"thallus/" + purpose.encode(), "sha256")
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,12 @@ class KeyRing:
 
     def hash(self, purpose: str, value: str) -> str:
         """The keyed hash under the current secret (what new records store)."""
-        return hmac.new(_derive(self.secrets[0], purpose), value.encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(_derive(self.secrets[0], purpose), value.encode(), "sha256").hex()
 
     def hashes(self, purpose: str, value: str) -> list[str]:
         """The keyed hash under every secret (what a lookup must try during rotation)."""
-        return [hmac.new(_derive(s, purpose), value.encode(), hashlib.sha256).hexdigest() for s in self.secrets]
+        encoded = value.encode()
+        return [hmac.digest(_derive(secret, purpose), encoded, "sha256").hex() for secret in self.secrets]
 
 
 def _kid(key: bytes) -> str:

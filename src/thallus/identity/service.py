@@ -560,10 +560,10 @@ class Identity:
         return Principal(record.user_id, record.email, record.name, record.role, "api_key", api_key_id=record.key_id)
 
     async def _key_record(self, raw: str) -> api_keys.KeyRecord | None:
-        hashes = self.keys.hashes(api_keys.PURPOSE, raw)
-        hit, record = self.key_cache.get(hashes[0])
+        hit, record = self.key_cache.get(self.keys.hash(api_keys.PURPOSE, raw))
         if hit:
             return record
+        hashes = self.keys.hashes(api_keys.PURPOSE, raw)  # every secret still accepted (rotation)
         async with self.database.session() as db:
             row = (
                 await db.execute(
