@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.asgi import Response, acall
+from tests.asgi import Response, acall, http_scope
 from thallus import Settings, protect
 from thallus._asgi import Receive, Scope, Send
 from thallus.audit import AuditEvent
@@ -108,21 +108,9 @@ class ListSink:
 
 
 def scope_for(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "https",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": list(headers),
-        "client": ("203.0.113.9", 50000),
-        "server": ("api.example.com", 443),
-        "state": {},
-    }
+    scope = http_scope(method, path, scheme="https", state={})
+    scope["headers"] = list(headers)  # as generated: names in either case, repeats kept
+    return scope
 
 
 _GENERATED = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|'nonce-[\w-]+'")
