@@ -20,8 +20,9 @@ rows are skipped and the reason is printed.
 
 After each request the harness yields to the event loop once (``asyncio.sleep(0)``), as a server
 does between requests, so background work a storage schedules (the memory storage's expiry sweep,
-coredis's socket reads) runs and is counted. A second table splits the limiter's time into its two
-storage calls per request (``hit`` and ``get_window_stats``).
+coredis's socket reads) runs and is counted. A second table times, on their own, limits' two storage
+calls the middleware used to make per request (``hit`` and ``get_window_stats``) and the one call
+that replaced them (``moving_window(storage).hit``).
 Run ``.venv/bin/python benchmarks/bench_ratelimit.py --help`` for the options.
 """
 
@@ -56,7 +57,7 @@ from starlette.types import ASGIApp, Message, Scope
 
 from common import describe, environment, progress
 from thallus import Settings, protect
-from thallus.ratelimit import RateLimitMiddleware, create_storage, parse_limit
+from thallus.ratelimit import RateLimitMiddleware, create_storage, moving_window, parse_limit
 
 SECRET = "x" * 40
 APP_ORIGIN = "https://app.example.com"
@@ -412,10 +413,11 @@ class Operation:
 
 
 class StorageCalls:
-    """The middleware's two storage calls on one limiter, one address of the pool after another."""
+    """limits' two storage calls and Thallus's single one on one storage, one address after another."""
 
     def __init__(self, storage: Storage, limit: RateLimitItem, prefix: str, addresses: Sequence[str]) -> None:
         self.limiter = MovingWindowRateLimiter(storage)
+        self.window = moving_window(storage)
         self.limit = limit
         self.prefix = prefix
         self._addresses = itertools.cycle(addresses)
@@ -429,11 +431,16 @@ class StorageCalls:
         await self.limiter.get_window_stats(self.limit, self.prefix, POLICY, next(self._addresses))
 
     async def both(self) -> None:
-        """What ``RateLimitMiddleware`` does: hit, then read the window for the headers."""
+        """What ``RateLimitMiddleware`` did before the single call: hit, then read the window."""
         address = next(self._addresses)
         if not await self.limiter.hit(self.limit, self.prefix, POLICY, address):
             self.refused += 1
         await self.limiter.get_window_stats(self.limit, self.prefix, POLICY, address)
+
+    async def single(self) -> None:
+        """What ``RateLimitMiddleware`` does: hit and window read in one storage call."""
+        if not (await self.window.hit(self.limit, self.prefix, POLICY, next(self._addresses))).allowed:
+            self.refused += 1
 
     async def hit_and_sweep(self) -> None:
         """A hit, then the whole expiry sweep of a memory storage it starts (when none is running)."""
@@ -460,7 +467,14 @@ def build_operations(
     operations = [
         Operation("memory", "hit", "limiter.hit → acquire_entry", memory.hit, memory_storage),
         Operation("memory", "stats", "limiter.get_window_stats → get_moving_window", memory.stats, memory_storage),
-        Operation("memory", "hit+stats", "both, in sequence (as the middleware)", memory.both, memory_storage),
+        Operation("memory", "hit+stats", "both, in sequence (the middleware before)", memory.both, memory_storage),
+        Operation(
+            "memory",
+            "hit+window",
+            "one call: MemoryBackend.hit_and_window (the middleware now)",
+            memory.single,
+            memory_storage,
+        ),
         Operation(
             "memory",
             "hit+stats, no yield",
@@ -490,7 +504,13 @@ def build_operations(
             Operation("redis", "PING", "one round trip, nothing else (coredis, own client)", client.ping),
             Operation("redis", "hit", "limiter.hit → EVALSHA acquire_moving_window", remote.hit),
             Operation("redis", "stats", "limiter.get_window_stats → EVALSHA moving_window", remote.stats),
-            Operation("redis", "hit+stats", "both, in sequence (as the middleware)", remote.both),
+            Operation("redis", "hit+stats", "both, in sequence (the middleware before)", remote.both),
+            Operation(
+                "redis",
+                "hit+window",
+                "one EVALSHA: Thallus's hit-and-window script (the middleware now)",
+                remote.single,
+            ),
             Operation("redis", "hit‖stats", "both at once, asyncio.gather", remote.overlapped),
         ]
     return operations, calls

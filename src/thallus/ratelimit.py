@@ -9,7 +9,8 @@ counters with expiry for the lockout state — in process memory by default, in 
   ``/health`` and ``/metrics`` are exempt. Exceeding one answers ``429 RateLimitError`` at once,
   with ``Retry-After`` (the limit's window, 60 s for a per-minute limit) and the IETF draft
   ``RateLimit-Policy`` / ``RateLimit`` headers, which every response of a limited route carries.
-  If the storage is unreachable, limits fail open (one error log line a minute).
+  If the storage is unreachable, limits fail open (one error log line a minute). Each request
+  makes one storage call that takes the hit and reads the window (:func:`moving_window`).
 * **Client IP.** The peer address. ``X-Forwarded-For`` / ``Forwarded`` count only when the peer is a
   trusted proxy (``THALLUS_TRUSTED_PROXIES``); then the right-most hop that is not a trusted proxy is
   the client. A malformed forwarding header is ignored, never an error.
@@ -27,12 +28,15 @@ import hashlib
 import ipaddress
 import logging
 import math
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from limits import RateLimitItem, parse
-from limits.aio.storage import MovingWindowSupport, Storage
+from limits.aio.storage import MovingWindowSupport, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import MemoryStorage as SyncMemoryStorage
 from limits.storage import storage_from_string
@@ -40,6 +44,9 @@ from limits.storage import storage_from_string
 from thallus._asgi import ASGIApp, Message, Receive, Scope, Send, collect_headers, scope_state
 from thallus.audit import AuditEvent, AuditSink, request_fields
 from thallus.errors import send_error
+
+if TYPE_CHECKING:
+    from limits.aio.storage.redis.coredis import CoredisBridge
 
 logger = logging.getLogger("thallus.ratelimit")
 
@@ -156,6 +163,9 @@ class MemoryBackend(Storage, MovingWindowSupport):
     def __init__(self) -> None:
         super().__init__()
         self._store = SyncMemoryStorage()
+        # limits' per-key re-entrant locks (an internal of its store); without them, one lock of our own
+        self._locks: Mapping[str, AbstractContextManager[object]] | None = getattr(self._store, "locks", None)
+        self._own_lock = threading.RLock()
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
@@ -185,6 +195,20 @@ class MemoryBackend(Storage, MovingWindowSupport):
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         return self._store.get_moving_window(key, limit, expiry)
 
+    def hit_and_window(self, key: str, limit: int, expiry: int) -> tuple[bool, float, int]:
+        """Acquire one entry, then read the window (start, entries), both under the key's lock.
+
+        The same two calls limits makes, but in one step, so no other thread's hit or expiry sweep
+        falls between them (the lock is re-entrant, so the calls' own locking still works).
+        """
+        with self._lock(key):
+            allowed = self._store.acquire_entry(key, limit, expiry)
+            start, entries = self._store.get_moving_window(key, limit, expiry)
+        return allowed, start, entries
+
+    def _lock(self, key: str) -> AbstractContextManager[object]:
+        return self._locks[key] if self._locks is not None else self._own_lock
+
 
 def create_storage(redis_url: str | None, key_prefix: str) -> Storage:
     """``limits`` storage: memory, or Redis (``redis://`` / ``rediss://``) with a key prefix."""
@@ -195,6 +219,136 @@ def create_storage(redis_url: str | None, key_prefix: str) -> Storage:
     storage = storage_from_string(uri, key_prefix=key_prefix, connect_timeout=2, stream_timeout=2)
     assert isinstance(storage, Storage)
     return storage
+
+
+# -- one hit with the window it leaves ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WindowHit:
+    """One hit on a moving window: taken or refused, and the window right after it."""
+
+    allowed: bool
+    remaining: int
+    reset_time: float  # seconds since the epoch when the window's oldest entry leaves it
+
+
+class MovingWindow(Protocol):
+    """Takes one hit on a moving-window limit and reports the window (``RateLimitMiddleware``'s need)."""
+
+    async def hit(self, item: RateLimitItem, *identifiers: str) -> WindowHit: ...
+
+
+class TwoCallWindow:
+    """Any ``limits`` moving-window storage: ``hit``, then ``get_window_stats`` — two storage calls."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.limiter = MovingWindowRateLimiter(storage)
+
+    async def hit(self, item: RateLimitItem, *identifiers: str) -> WindowHit:
+        allowed = await self.limiter.hit(item, *identifiers)
+        stats = await self.limiter.get_window_stats(item, *identifiers)
+        return WindowHit(allowed, stats.remaining, stats.reset_time)
+
+
+class MemoryWindow:
+    """:class:`MemoryBackend`: hit and window read in one call under the key's lock."""
+
+    def __init__(self, storage: MemoryBackend) -> None:
+        self.storage = storage
+
+    async def hit(self, item: RateLimitItem, *identifiers: str) -> WindowHit:
+        expiry = item.get_expiry()
+        allowed, start, entries = self.storage.hit_and_window(item.key_for(*identifiers), item.amount, expiry)
+        return WindowHit(allowed, item.amount - entries, start + expiry)
+
+
+#: limits' ``acquire_moving_window.lua`` followed by its ``moving_window.lua``, run as one script on
+#: the same list (newest timestamp first, at most ``limit`` entries, expiring after the window) with
+#: the same timestamp. Returns ``{acquired, entries}`` or, with entries, ``{acquired, entries, oldest}``
+#: (``oldest`` as a string: Lua numbers reach the client as integers).
+HIT_AND_WINDOW_LUA = """
+local timestamp = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local expiry = tonumber(ARGV[3])
+local target = timestamp - expiry
+
+local acquired = 0
+local entry = redis.call('lindex', KEYS[1], limit - 1)
+if limit >= 1 and not (entry and tonumber(entry) >= target) then
+    redis.call('lpush', KEYS[1], timestamp)
+    redis.call('ltrim', KEYS[1], 0, limit - 1)
+    redis.call('expire', KEYS[1], expiry)
+    acquired = 1
+end
+
+local low, high, index = 0, limit - 1, nil
+while low <= high do
+    local mid = math.floor((low + high) / 2)
+    local value = tonumber(redis.call('lindex', KEYS[1], mid))
+    if value and value >= target then
+        index = mid
+        low = mid + 1
+    else
+        high = mid - 1
+    end
+end
+
+if index then
+    return {acquired, index + 1, tostring(tonumber(redis.call('lindex', KEYS[1], index)))}
+end
+return {acquired, 0}
+"""
+
+
+class RedisWindow:
+    """limits' coredis Redis storage: hit and window read in one Lua script, one ``EVALSHA``.
+
+    It uses limits' own client, key prefix and key layout (``bridge.get_connection()``,
+    ``bridge.prefixed_key``), so instances on this path and on the two-call path count the same
+    keys. Those are limits internals (not its documented API): :func:`moving_window` checks for
+    them and otherwise falls back to :class:`TwoCallWindow`. The script is registered once with
+    coredis, which loads it again on ``NOSCRIPT`` (a restarted or flushed server).
+    """
+
+    def __init__(self, bridge: CoredisBridge) -> None:
+        self.bridge = bridge
+        self.script = bridge.get_connection().register_script(HIT_AND_WINDOW_LUA)
+
+    async def hit(self, item: RateLimitItem, *identifiers: str) -> WindowHit:
+        expiry = item.get_expiry()
+        timestamp = time.time()
+        key = self.bridge.prefixed_key(item.key_for(*identifiers))
+        reply = await self.script.execute([key], [timestamp, item.amount, expiry])
+        assert isinstance(reply, list)
+        entries = int(reply[1])
+        start = float(reply[2]) if entries else timestamp
+        return WindowHit(bool(reply[0]), item.amount - entries, start + expiry)
+
+
+def moving_window(storage: Storage) -> MovingWindow:
+    """The one-call hit-and-window for ``storage`` when it has one, else limits' two calls."""
+    if isinstance(storage, MemoryBackend):
+        return MemoryWindow(storage)
+    bridge = _coredis_bridge(storage)
+    return RedisWindow(bridge) if bridge is not None else TwoCallWindow(storage)
+
+
+def _coredis_bridge(storage: Storage) -> CoredisBridge | None:
+    """limits' coredis bridge of a Redis storage, if it still looks as :class:`RedisWindow` needs."""
+    try:
+        from limits.aio.storage.redis.coredis import CoredisBridge
+    except ImportError:  # a limits that moved it: the two calls
+        return None
+    bridge = getattr(storage, "bridge", None)
+    if (
+        isinstance(storage, RedisStorage)
+        and isinstance(bridge, CoredisBridge)
+        and callable(getattr(bridge, "get_connection", None))
+        and callable(getattr(bridge, "prefixed_key", None))
+    ):
+        return bridge
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +380,7 @@ class RateLimitMiddleware:
         audit: AuditSink | None = None,
     ) -> None:
         self.app = app
-        self.limiter = MovingWindowRateLimiter(storage)
+        self.window = moving_window(storage)
         self.general = Policy.of("general", parse_limit(general))
         self.auth = Policy.of("auth", parse_limit(auth))
         self.auth_paths = tuple(auth_paths)
@@ -248,18 +402,17 @@ class RateLimitMiddleware:
             return
         policy = self.auth if path.startswith(self.auth_paths) else self.general
         try:
-            allowed = await self.limiter.hit(policy.limit, self.key_prefix, policy.name, address)
-            stats = await self.limiter.get_window_stats(policy.limit, self.key_prefix, policy.name, address)
+            hit = await self.window.hit(policy.limit, self.key_prefix, policy.name, address)
         except Exception as exc:  # storage unreachable: fail open, say so (rarely)
             self._log_failure(exc)
             await self.app(scope, receive, send)
             return
-        reset = max(0, math.ceil(stats.reset_time - time.time()))
+        reset = max(0, math.ceil(hit.reset_time - time.time()))
         headers = (
             (b"ratelimit-policy", policy.policy_header),
-            (b"ratelimit", f'"{policy.name}";r={stats.remaining};t={reset}'.encode()),
+            (b"ratelimit", f'"{policy.name}";r={hit.remaining};t={reset}'.encode()),
         )
-        if not allowed:
+        if not hit.allowed:
             await self._refuse(scope, send, policy, address, headers)
             return
 
