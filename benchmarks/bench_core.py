@@ -65,7 +65,7 @@ from starlette_csrf.middleware import CSRFMiddleware as StarletteCSRFMiddleware
 
 # src/thallus has no py.typed marker: checked on its own, this file sees thallus as untyped (the
 # project-wide `mypy` run reads it from src/ and needs no ignore, hence `unused-ignore`).
-from common import describe, environment, progress
+from common import describe, environment, progress, text_table
 from thallus import HeaderPolicy, Settings, protect
 from thallus.correlation import CorrelationIdMiddleware, accept_or_mint, correlation_id_var, uuid7
 from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS, CORSMiddleware, decorate
@@ -635,20 +635,6 @@ def added_rows(cells: dict[str, dict[str, Cell]], baseline: str) -> list[dict[st
     return rows
 
 
-def _render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    table = [tuple(header), *(tuple(row) for row in rows)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = []
-    for index, row in enumerate(table):
-        cells = [row[0].ljust(widths[0])] + [
-            value.rjust(width) for value, width in zip(row[1:], widths[1:], strict=True)
-        ]
-        lines.append("  ".join(cells))
-        if index == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    return lines
-
-
 def render_table(document: dict[str, Any]) -> str:
     env = document["environment"]
     options = document["options"]
@@ -680,7 +666,7 @@ def render_table(document: dict[str, Any]) -> str:
                 f"{spread:.1%}",
             )
         )
-    lines += _render(
+    lines += text_table(
         (
             "scenario",
             "bare µs",
@@ -706,7 +692,7 @@ def render_table(document: dict[str, Any]) -> str:
     if document.get("layers"):
         layer_names = list(document["layers"][0]["added_us"])
         lines += ["", "2. Each Thallus layer alone on the bare app: µs added over bare", ""]
-        lines += _render(
+        lines += text_table(
             ("scenario", "bare µs", *layer_names),
             [
                 (
@@ -735,10 +721,10 @@ def render_table(document: dict[str, Any]) -> str:
                     f"{row['thallus_us'] - row['bare_us']:+.2f}",
                 )
             )
-        lines += _render(("case", "scenario", "bare µs", "thallus µs", "+thallus µs"), scaling_rows)
+        lines += text_table(("case", "scenario", "bare µs", "thallus µs", "+thallus µs"), scaling_rows)
     if document.get("breakdown"):
         lines += ["", "4. Where the fast path's time goes (post_csrf; each step alone, best of the repetitions)", ""]
-        lines += _render(("step", "µs"), [(row["step"], f"{row['us']:.2f}") for row in document["breakdown"]])
+        lines += text_table(("step", "µs"), [(row["step"], f"{row['us']:.2f}") for row in document["breakdown"]])
     return "\n".join(lines)
 
 

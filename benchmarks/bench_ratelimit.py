@@ -43,7 +43,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import coredis
 from limits import RateLimitItem
@@ -55,7 +54,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Scope
 
-from common import describe, environment, progress
+from common import describe, environment, progress, redacted_url, text_table
 from thallus import Settings, protect
 from thallus.ratelimit import RateLimitMiddleware, create_storage, moving_window, parse_limit
 
@@ -198,11 +197,7 @@ class RedisTarget:
     @property
     def display_url(self) -> str:
         """The URL without credentials."""
-        parts = urlsplit(self.url)
-        if parts.username is None and parts.password is None:
-            return self.url
-        host = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
-        return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+        return redacted_url(self.url)
 
 
 async def connect_redis(url: str, *, skip: bool) -> RedisTarget:
@@ -619,23 +614,7 @@ def results_document(
     }
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> list[str]:
-    """A plain-text table; ``align`` has one ``l`` (left) or ``r`` (right) per column."""
-    table = [tuple(header), *(tuple(row) for row in rows)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = []
-    for index, row in enumerate(table):
-        cells = [
-            value.ljust(width) if side == "l" else value.rjust(width)
-            for value, width, side in zip(row, widths, align, strict=True)
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if index == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    return lines
-
-
-def render_table(document: dict[str, Any]) -> str:
+def rendertext_table(document: dict[str, Any]) -> str:
     env = document["environment"]
     options = document["options"]
     redis = document["redis"]
@@ -665,7 +644,7 @@ def render_table(document: dict[str, Any]) -> str:
                 f"{row['share']:.0%}" if base else "",
             )
         )
-    lines += _table(("stack", "µs/req", "best", "spread", "vs", "added µs", "ratio", "share"), rows, "lrrrlrrr")
+    lines += text_table(("stack", "µs/req", "best", "spread", "vs", "added µs", "ratio", "share"), rows, "lrrrlrrr")
     lines.append("")
     lines += [f"{row['stack']:<13} {row['description']}" for row in document["results"]]
     lines += [
@@ -678,7 +657,7 @@ def render_table(document: dict[str, Any]) -> str:
         " unless noted",
         "",
     ]
-    lines += _table(
+    lines += text_table(
         ("storage", "call", "µs/call", "best", "spread", "what"),
         (
             (
@@ -790,7 +769,7 @@ async def run(options: argparse.Namespace, redis_url: str, limiter_log: LimiterL
         redis=redis,
         options=options,
     )
-    print(json.dumps(document, indent=2) if options.json else render_table(document))
+    print(json.dumps(document, indent=2) if options.json else rendertext_table(document))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -50,12 +50,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import coredis
 import httpx
 
-from common import describe, environment, progress
+from common import describe, environment, progress, redacted_url, text_table
 
 BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent
@@ -534,11 +533,7 @@ class RedisTarget:
     @property
     def display_url(self) -> str:
         """The URL without credentials."""
-        parts = urlsplit(self.url)
-        if parts.username is None and parts.password is None:
-            return self.url
-        host = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
-        return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+        return redacted_url(self.url)
 
     def client(self) -> coredis.Redis[bytes]:
         return coredis.Redis.from_url(self.url, connect_timeout=2, stream_timeout=2)
@@ -925,21 +920,6 @@ def compare(summary: Mapping[str, Any]) -> dict[str, Any]:
 # -- reporting ---------------------------------------------------------------------------------
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
-    """Columns padded to their widest cell; the first ``left`` columns left-aligned."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for index, row in enumerate([header, *rows]):
-        cells = [
-            value.ljust(width) if column < left else value.rjust(width)
-            for column, (value, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if index == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    return lines
-
-
 def _number(value: float | None, form: str = ".2f") -> str:
     return "-" if value is None or math.isnan(value) else format(value, form)
 
@@ -1003,7 +983,7 @@ def render(document: dict[str, Any]) -> str:
                 _number(ratios["p99"], ".2f"),
             )
         )
-    lines += _table(header, rows, left=3)
+    lines += text_table(header, rows, align="lll" + "r" * (len(header) - 3))
     lines += ["", *legend(document), "", *notes(document)]
     return "\n".join(lines)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 
 def progress(text: str) -> None:
@@ -39,3 +40,30 @@ def describe(env: dict[str, Any], extra: str = "") -> list[str]:
         f"Python {env['python']} ({env['implementation']}) on {env['platform']}, {env['cpus']} CPUs",
         f"packages: {packages}{extra}",
     ]
+
+
+def text_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str | None = None) -> list[str]:
+    """A plain-text table, columns padded to their widest cell and a rule under the header;
+    ``align`` has one ``l`` (left) or ``r`` (right) per column (default: the first left, the rest right)."""
+    table = [tuple(header), *(tuple(row) for row in rows)]
+    sides = align or "l" + "r" * (len(header) - 1)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = []
+    for index, row in enumerate(table):
+        cells = [
+            value.ljust(width) if side == "l" else value.rjust(width)
+            for value, width, side in zip(row, widths, sides, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return lines
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its credentials, for a report."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
