@@ -198,8 +198,8 @@ class Targets:
 class AuditData:
     """``rows`` valid chained records, the same for every backend (seeded ``random``).
 
-    Records are made as the store makes them (``to_row`` shape, ``created_at`` an aware datetime)
-    and linked with the store's ``link_hash``: ``verify()`` must pass over them.
+    Records are made in the shape the store reads back (every §11 field, ``created_at`` an aware
+    datetime) and linked with the chain's ``link_hash``: ``verify()`` must pass over them.
     """
 
     def __init__(self, rows: int, anchor: datetime, seed: int = 20261129) -> None:
@@ -410,7 +410,7 @@ class AuditData:
 
 
 def _record(rng: random.Random, nanoseconds: int, fields: dict[str, Any]) -> dict[str, Any]:
-    """A record in the store's row shape (``to_row``): every §11 field, ``created_at`` a datetime."""
+    """A record in the shape the store reads back: every §11 field, ``created_at`` a datetime."""
     return {
         "id": uuid7_at(nanoseconds, rng),
         "action": fields["action"],
@@ -1052,8 +1052,8 @@ async def load(
 
 async def count_request_records(url: str) -> tuple[int, int | None]:
     """``request`` records in a server's database (read after the server has stopped), and on
-    PostgreSQL how many appends (transactions) stored them: each ``AuditStore.append`` updates
-    the chain head twice, which ``pg_stat_user_tables`` counts."""
+    PostgreSQL how many appends (transactions) stored them: the rows one transaction inserted share
+    its id, ``xmin``."""
     parsed = make_url(url)
     query = "SELECT count(*) FROM audit_logs WHERE action = 'request'"
     if parsed.get_backend_name() == "sqlite":
@@ -1061,10 +1061,10 @@ async def count_request_records(url: str) -> tuple[int, int | None]:
             return int(connection.execute(query).fetchone()[0]), None
     connection = await asyncpg.connect(_dsn(parsed), timeout=5)
     try:
-        updates = await connection.fetchval(
-            "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'audit_chain_head'"
+        appends = await connection.fetchval(
+            "SELECT count(DISTINCT xmin::text) FROM audit_logs WHERE action = 'request'"
         )
-        return int(await connection.fetchval(query)), int(updates or 0) // 2
+        return int(await connection.fetchval(query)), int(appends or 0)
     finally:
         await connection.close()
 
@@ -1398,8 +1398,12 @@ def _render_latency(latency: dict[str, Any], options: dict[str, Any]) -> list[st
         off, on = result["summary"]["off"], result["summary"]["on"]
         check = result["audit_check"]
         complete = check["request_records"] == check["answered"] and not check["errors"]
+        round_ratios = [
+            on_p99 / off_p99 for off_p99, on_p99 in zip(off["p99_per_round_ms"], on["p99_per_round_ms"], strict=True)
+        ]
         notes += [
-            f"{backend}: p99 on/off = {on['p99_ms'] / off['p99_ms']:.3f} (target <= 1.10); "
+            f"{backend}: p99 on/off = {on['p99_ms'] / off['p99_ms']:.3f} (target <= 1.10; per round "
+            f"{' '.join(f'{ratio:.2f}' for ratio in round_ratios)}, median {statistics.median(round_ratios):.2f}); "
             f"p50 on/off = {on['p50_ms'] / off['p50_ms']:.3f}; "
             f"throughput on/off = {on['requests_per_second'] / off['requests_per_second']:.3f}; "
             f"server CPU per request +{on['server_cpu_us_per_request'] - off['server_cpu_us_per_request']:.0f} µs",

@@ -7,23 +7,32 @@ import csv
 import io
 import itertools
 import json
+import math
 import os
 import subprocess
+import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import text, update
+from sqlalchemy.engine import URL
 
 from tests.server import THALLUS
 from tests.service import PASSWORD, SAME_ORIGIN, Api, running_api, settings_for
 from thallus.audit import AuditEvent
-from thallus.audit.chain import link_hash
+from thallus.audit import append as append_module
+from thallus.audit.append import CoreAppender
+from thallus.audit.chain import FIELDS, Prepared, canonical, halves_hash, link_hash, normalised
 from thallus.audit.journal import Journal
 from thallus.audit.store import AuditFilter, AuditStore
-from thallus.audit.writer import AuditWriter, prepare
+from thallus.audit.writer import AuditWriter, json_safe, prepare
 from thallus.storage import Database
 from thallus.storage.models import GENESIS_HASH, AuditLog
 
@@ -101,7 +110,7 @@ def test_append_chains_and_verifies(database_url: str) -> None:
         ("UPDATE audit_logs SET created_at = created_at WHERE seq = 4; UPDATE audit_logs SET user_id = 'mallory' WHERE seq = 4", 4, "content"),
         ("DELETE FROM audit_logs WHERE seq = 4", 4, "missing"),
         ("DELETE FROM audit_logs WHERE seq >= 6", 6, "missing"),
-        ("UPDATE audit_logs SET prev_hash = 'f' || substr(prev_hash, 2) WHERE seq = 3", 3, "prev_hash"),
+        ("UPDATE audit_logs SET prev_hash = CASE WHEN prev_hash LIKE 'f%' THEN 'e' ELSE 'f' END || substr(prev_hash, 2) WHERE seq = 3", 3, "prev_hash"),
     ],
 )  # fmt: skip
 def test_tampering_is_named_by_verify(database_url: str, tamper: str, broken_seq: int, reason: str) -> None:
@@ -193,6 +202,195 @@ def test_prune_keeps_the_chain_verifiable(database_url: str) -> None:
     run(scenario())
 
 
+# -- appending at the driver level (append.py) ----------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+
+
+FIELD_VALUES = {
+    "details": JSON_VALUES | st.fixed_dictionaries({"seq": st.just(0), "status_code": st.just('"seq":0,')}),
+    "status_code": st.none() | st.integers(100, 599),
+    "duration_ms": st.none() | st.floats(allow_nan=False, allow_infinity=False),
+    "created_at": st.datetimes(timezones=st.just(UTC)),
+}
+
+
+@given(
+    record=st.fixed_dictionaries(
+        {name: FIELD_VALUES.get(name, st.none() | st.text(max_size=20)) for name in FIELDS if name != "id"}
+    ),
+    seq=st.integers(min_value=1, max_value=2**62),
+)
+def test_canonical_halves_join_to_the_canonical_json(record: dict[str, Any], seq: int) -> None:
+    """The two halves around ``seq`` are byte for byte the sorted-keys JSON the chain was defined with."""
+    document = {name: record.get(name) for name in FIELDS} | {"seq": seq}
+    document["created_at"] = record["created_at"].isoformat(timespec="microseconds")
+    expected = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    assert canonical(record, seq) == expected
+    prepared = Prepared.of({**record, "id": "r"})
+    assert prepared.record == normalised({**record, "id": "r"})
+    assert halves_hash("p", prepared.halves, seq) == link_hash("p", prepared.record, seq)
+
+
+class Level(IntEnum):
+    LOW = 1
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        {"auth_method": None},
+        {"auth_method": "api_key", "api_key_id": "k1", "n": 3, "ok": True, "ratio": 0.5},
+        {"nested": {"a": [1, 2]}},
+        {"when": datetime(2026, 1, 2, tzinfo=UTC)},
+        {"tuple": (1, 2)},
+        {1: "int key", None: "none key"},
+        {"int_subclass": Level.LOW},
+        ["a", "list"],
+    ],
+)
+def test_json_safe_is_the_json_round_trip(details: Any) -> None:
+    expected = json.loads(json.dumps(details, default=str))
+    copied = json_safe(details)
+    assert copied == expected
+    assert [type(value) for value in _leaves(copied)] == [type(value) for value in _leaves(expected)]
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [*value.keys(), *(leaf for item in value.values() for leaf in _leaves(item))]
+    if isinstance(value, list):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
+
+
+async def stored_rows(database: Database) -> list[tuple[Any, ...]]:
+    """Every stored audit row as the database holds it (no SQLAlchemy type processing)."""
+    async with database.engine.connect() as connection:
+        result = await connection.exec_driver_sql("SELECT *, details IS NULL AS sql_null FROM audit_logs ORDER BY seq")
+        return [tuple(row) for row in result]
+
+
+async def reset_chain(database: Database) -> None:
+    async with database.engine.begin() as connection:
+        await connection.execute(text("DELETE FROM audit_logs"))
+        await connection.execute(
+            text("UPDATE audit_chain_head SET seq = 0, hash = :genesis"), {"genesis": GENESIS_HASH}
+        )
+
+
+def test_driver_level_rows_equal_the_core_ones(database_url: str) -> None:
+    """The driver-level appender stores exactly what SQLAlchemy Core stores: JSON null as JSON null,
+    times in SQLAlchemy's spelling, integer durations as floats, non-UTC times in UTC."""
+    records = [
+        prepare(event(details=None)),
+        prepare(event(details={"auth_method": None}, duration_ms=1.25, status_code=204)),
+        prepare(event(details={"é": ["ünïcode", 1, 2.5, None, True], "deep": {"a": {"b": []}}}, duration_ms=7)),
+        prepare(event(created_at=datetime(2026, 3, 1, 12, 0, 0, 1, tzinfo=timezone(timedelta(hours=2))))),
+        {**prepare(event(error_message="x" * 300)), "created_at": datetime(2026, 3, 1, tzinfo=UTC)},
+        {**prepare(event()), "created_at": "2026-03-01T14:00:00.000001+02:00", "duration_ms": math.nan},
+    ]
+
+    async def scenario() -> None:
+        database, store = await with_store(database_url)
+        try:
+            assert not isinstance(store.appender(), CoreAppender), "the driver-level appender is the default"
+            core = CoreAppender(database.engine)
+            assert await core.append(records) == len(records)
+            expected = await stored_rows(database)
+            await reset_chain(database)
+            assert await store.append(records) == len(records)
+            assert await stored_rows(database) == expected
+            assert (await store.verify()).ok
+        finally:
+            await database.dispose()
+
+    run(scenario())
+
+
+def test_appenders_that_take_turns_keep_one_chain(database_url: str) -> None:
+    """Held appenders of several instances: each one's remembered head goes stale whenever another
+    appends; it must notice, link onto the real head and still store everything exactly once."""
+
+    async def scenario() -> None:
+        database, store = await with_store(database_url)
+        appenders = [store.appender() for _ in range(3)]
+        try:
+            expected: list[str] = []
+            for turn in range(6):  # in turns: every append after the first finds the head moved
+                batch = [prepare(event(resource_id=f"{turn}-{i}")) for i in range(3)]
+                assert await appenders[turn % 2].append(batch, replay=False) == 3
+                expected += [record["resource_id"] for record in batch]
+
+            async def lane(appender: Any, name: str) -> list[str]:  # one writer task per instance
+                lane_order = []
+                for n in range(5):
+                    batch = [prepare(event(resource_id=f"{name}{n}-{i}")) for i in range(4)]
+                    assert await appender.append(batch, replay=False) == 4
+                    lane_order += [record["resource_id"] for record in batch]
+                return lane_order
+
+            lanes = await asyncio.gather(*(lane(appender, "abc"[k]) for k, appender in enumerate(appenders)))
+            rows = [row async for row in store.stream(AuditFilter())]
+            assert [row.seq for row in rows] == list(range(1, 18 + 3 * 20 + 1)), "one sequence, no gaps"
+            assert [row.resource_id for row in rows[:18]] == expected
+            for lane_order in lanes:  # each instance's records in its own order, each batch contiguous
+                mine = [row for row in rows if row.resource_id in set(lane_order)]
+                assert [row.resource_id for row in mine] == lane_order
+                for start in range(0, 20, 4):
+                    assert [row.seq for row in mine[start : start + 4]] == list(
+                        range(mine[start].seq, mine[start].seq + 4)
+                    )
+            assert (await store.verify()).ok
+        finally:
+            for appender in appenders:
+                await appender.close()
+            await database.dispose()
+
+    run(scenario())
+
+
+def test_linking_hands_the_loop_back_between_chunks(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big batch is linked a chunk at a time, other tasks running in between; order and
+    exactly-once are unchanged."""
+    monkeypatch.setattr(append_module, "LINK_CHUNK", 4)
+
+    async def scenario() -> None:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        records = [prepare(event(resource_id=str(i))) for i in range(40)]
+        chain = append_module.Chain(0, GENESIS_HASH)
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        await chain.add_yielding([*records, records[3]])  # a repeated record is linked once
+        task.cancel()
+        assert ticks - before >= 40 // 4 - 1, "the ticker ran between chunks"
+        assert [row[1 + FIELDS.index("resource_id")] for row in chain.rows] == [str(i) for i in range(40)]
+        assert [row[0] for row in chain.rows] == list(range(1, 41))
+
+        database, store = await with_store(database_url)
+        try:
+            assert await store.append(records, replay=False) == 40
+            rows = [row async for row in store.stream(AuditFilter())]
+            assert [row.resource_id for row in rows] == [str(i) for i in range(40)]
+            assert (await store.verify()).ok
+        finally:
+            await database.dispose()
+
+    run(scenario())
+
+
 # -- the writer -------------------------------------------------------------------------------
 
 
@@ -221,6 +419,28 @@ def test_writer_batches_records_into_the_store(database_url: str, journal_dir: P
         assert writer.stats["written"] == 230 and writer.stats["spilled"] == 0
         assert (await store.verify()).ok
         assert not list(journal_dir.glob("*.jsonl")), "no journal left behind"
+        await database.dispose()
+
+    run(scenario())
+
+
+def test_appends_start_at_most_every_linger(database_url: str, journal_dir: Path) -> None:
+    """A record after a quiet spell is written at once; the ones after it wait for the next append,
+    at most ``linger`` after the last one began (or for ``stop``), and share its transaction."""
+
+    async def scenario() -> None:
+        database, writer = await running_writer(database_url, journal_dir, linger=3600)
+        writer.record(event(resource_id="first"))
+        await writer.flush()  # written without lingering: the writer was idle
+        assert writer.stats["written"] == 1
+        for name in ("second", "third"):
+            writer.record(event(resource_id=name))
+        await asyncio.sleep(0.05)
+        assert writer.stats["written"] == 1, "an hour has not passed since the last append"
+        await writer.stop()
+        assert writer.stats["written"] == 3
+        rows = [row async for row in AuditStore(database).stream(AuditFilter())]
+        assert [row.resource_id for row in rows] == ["first", "second", "third"]
         await database.dispose()
 
     run(scenario())
@@ -301,6 +521,107 @@ def test_unreachable_database_spills_to_the_journal(journal_dir: Path) -> None:
         lines = journals[0].read_text().splitlines()
         assert [json.loads(line)["resource_id"] for line in lines] == [str(i) for i in range(7)]
         await database.dispose()
+
+    run(scenario())
+
+
+def test_unstorable_text_neither_fails_nor_blocks_the_log(database_url: str, journal_dir: Path) -> None:
+    """A request can carry NUL (``%00`` in its path, ``\\u0000`` in a JSON body), which PostgreSQL
+    cannot store, and lone surrogates (``\\ud800`` in a JSON body), which neither database can: they
+    are stored as U+FFFD, and the records after them are stored too."""
+
+    async def scenario() -> None:
+        database, writer = await running_writer(database_url, journal_dir)
+        writer.record(
+            event(
+                path="/api/v1/\x00x",
+                user_agent="ua-\udcff",
+                details={"email": "a\x00@example.com", "k\ud800": ["\x00", "ok-é"]},
+            )
+        )
+        for i in range(3):
+            writer.record(event(resource_id=str(i)))
+        await writer.stop()
+        store = AuditStore(database)
+        rows = [row async for row in store.stream(AuditFilter())]
+        assert [row.resource_id for row in rows] == [None, "0", "1", "2"]
+        assert (rows[0].path, rows[0].user_agent) == ("/api/v1/\ufffdx", "ua-\ufffd")
+        assert rows[0].details == {"email": "a\ufffd@example.com", "k\ufffd": ["\ufffd", "ok-é"]}
+        assert writer.stats["spilled"] == 0 and (await store.verify()).ok
+        await database.dispose()
+
+    run(scenario())
+
+
+async def wait_until(condition: Any, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting until {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_writer_survives_losing_its_held_connection(empty_postgres: URL, journal_dir: Path) -> None:
+    """The writer keeps one connection between batches; killed under it (a restart, a failover),
+    the batch in hand is journalled and replayed on a new connection, exactly once."""
+    url = empty_postgres.render_as_string(hide_password=False)
+
+    async def scenario() -> None:
+        database, writer = await running_writer(url, journal_dir, retry_interval=0.05)
+        try:
+            for i in range(5):
+                writer.record(event(resource_id=str(i)))
+            await writer.flush()
+            killer = await asyncpg.connect(empty_postgres.set(drivername="postgresql").render_as_string(False))
+            try:
+                killed = await killer.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            finally:
+                await killer.close()
+            assert killed >= 1
+            for i in range(5, 10):
+                writer.record(event(resource_id=str(i)))
+            await wait_until(lambda: writer.stats["replayed"] >= 5, "the spilled batch is replayed")
+            for i in range(10, 12):
+                writer.record(event(resource_id=str(i)))
+            await writer.stop()
+            assert writer.stats["spilled"] == 5, writer.stats
+            store = AuditStore(database)
+            assert [row.resource_id async for row in store.stream(AuditFilter())] == [str(i) for i in range(12)]
+            assert (await store.verify()).ok
+        finally:
+            await database.dispose()
+
+    run(scenario())
+
+
+def test_timed_out_write_that_commits_later_is_stored_once(database_url: str, journal_dir: Path) -> None:
+    """A write held up past ``write_timeout`` (the chain locked by someone else) is journalled; it may
+    still commit once the lock is free — the replay then skips it. Order is kept throughout."""
+
+    async def scenario() -> None:
+        database = Database(database_url)
+        await database.migrate()
+        blocker = await database.engine.connect()  # holds the chain head (the write lock on SQLite)
+        await blocker.execute(text("UPDATE audit_chain_head SET updated_at = updated_at WHERE id = 1"))
+        writer = AuditWriter(AuditStore(database), journal_dir, write_timeout=0.3, retry_interval=0.05)
+        await writer.start()
+        try:
+            for i in range(5):
+                writer.record(event(resource_id=str(i)))
+            await wait_until(lambda: writer.stats["spilled"] == 5, "the held-up batch is journalled")
+            await blocker.rollback()
+            for i in range(5, 8):
+                writer.record(event(resource_id=str(i)))
+            await writer.stop()
+            store = AuditStore(database)
+            assert [row.resource_id async for row in store.stream(AuditFilter())] == [str(i) for i in range(8)]
+            assert (await store.verify()).ok
+            assert not any(path.stat().st_size for path in journal_dir.glob("*.jsonl"))
+        finally:
+            await blocker.close()
+            await database.dispose()
 
     run(scenario())
 

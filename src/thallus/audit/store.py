@@ -1,9 +1,10 @@
 """The audit store: append (with the hash chain), query, stream, verify, prune.
 
-Appending locks the single chain-head row first (``UPDATE audit_chain_head`` — a row lock on
-PostgreSQL, the write lock on SQLite), so writers on every instance take turns: ``seq`` is one
-sequence and each record's ``prev_hash`` is the hash of the record before it, in commit order.
-Records already stored (same id) are skipped, which makes replaying a journal exactly-once.
+Appending (:mod:`thallus.audit.append`) moves the single chain-head row in the same transaction
+as the insert (a row lock on PostgreSQL, the write lock on SQLite), so writers on every instance
+take turns: ``seq`` is one sequence and each record's ``prev_hash`` is the hash of the record before
+it, in commit order. Records already stored (same id) are skipped, which makes replaying a journal
+exactly-once.
 There is no update and no delete besides :meth:`AuditStore.prune`, which writes a checkpoint.
 """
 
@@ -14,22 +15,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, bindparam, delete, func, insert, select, update
+from sqlalchemy import Select, delete, func, select, update
 
+from thallus.audit.append import Appender, appender_for
 from thallus.audit.chain import FIELDS, link_hash
 from thallus.storage import Database
 from thallus.storage.models import GENESIS_HASH, AuditChainHead, AuditCheckpoint, AuditLog, utcnow
 
 VERIFY_CHUNK = 5000
-#: Taking the chain head: a row lock on PostgreSQL, the database write lock on SQLite.
 _HEAD = AuditChainHead.id == 1
 _READ_HEAD = select(AuditChainHead.seq, AuditChainHead.hash).where(_HEAD)
-_LOCK_HEAD = (
-    update(AuditChainHead)
-    .where(_HEAD)
-    .values(updated_at=bindparam("now"))
-    .returning(AuditChainHead.seq, AuditChainHead.hash)
-)
 
 
 @dataclass(frozen=True)
@@ -77,15 +72,6 @@ class Verification:
     reason: str | None = None
 
 
-def to_row(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A prepared or journalled record as column values (``created_at`` parsed back to a datetime)."""
-    row = {name: record.get(name) for name in FIELDS}
-    created_at = row["created_at"]
-    if isinstance(created_at, str):
-        row["created_at"] = datetime.fromisoformat(created_at)
-    return row
-
-
 def row_record(row: AuditLog) -> dict[str, Any]:
     return {name: getattr(row, name) for name in FIELDS}
 
@@ -94,40 +80,25 @@ class AuditStore:
     def __init__(self, database: Database) -> None:
         self.database = database
 
+    def appender(self) -> Appender:
+        """An appender that holds its connection between appends (the writer's); ``close`` it after use."""
+        return appender_for(self.database)
+
     async def append(self, records: Sequence[Mapping[str, Any]], *, replay: bool = True) -> int:
         """Store records at the end of the chain, in order; returns how many were new.
 
         With ``replay`` (the default), records whose id is already stored are skipped — a journal
         replayed after a write whose acknowledgement was lost. A first attempt at fresh records
-        (``replay=False``) saves that lookup.
+        (``replay=False``) saves that lookup. One call, one connection: the writer keeps an
+        :meth:`appender` instead.
         """
         if not records:
             return 0
-        # Core statements on one connection: three round trips (lock-and-read the head, insert,
-        # move the head) and no ORM — this runs on the request loop, so its CPU is everyone's latency.
-        async with self.database.engine.begin() as connection:
-            head = (await connection.execute(_LOCK_HEAD, {"now": utcnow()})).one()
-            stored: set[str] = set()
-            if replay:
-                ids = [str(record["id"]) for record in records]
-                stored = set((await connection.scalars(select(AuditLog.id).where(AuditLog.id.in_(ids)))).all())
-            seq, previous = int(head.seq), str(head.hash)
-            rows = []
-            for record in records:
-                if record["id"] in stored:
-                    continue
-                stored.add(str(record["id"]))
-                row = to_row(record)
-                seq += 1
-                digest = link_hash(previous, row, seq)
-                rows.append({**row, "seq": seq, "prev_hash": previous, "hash": digest})
-                previous = digest
-            if rows:
-                await connection.execute(insert(AuditLog), rows)
-                await connection.execute(
-                    update(AuditChainHead).where(_HEAD).values(seq=seq, hash=previous, updated_at=utcnow())
-                )
-            return len(rows)
+        appender = self.appender()
+        try:
+            return await appender.append(records, replay=replay)
+        finally:
+            await appender.close()
 
     async def query(self, filters: AuditFilter, *, limit: int, before_seq: int | None = None) -> list[AuditLog]:
         """Newest first; ``before_seq`` continues after the previous page (keyset pagination)."""

@@ -1,7 +1,12 @@
 """The audit writer: an :class:`~thallus.audit.AuditSink` that never blocks or fails a request.
 
-``record`` only prepares the event (an idempotent id, secrets redacted, lengths bounded) and puts it
-on a bounded in-memory queue. One background task drains the queue in batches into the store. When
+``record`` only prepares the event (an idempotent id, secrets redacted, lengths bounded, and the part
+of its hash that needs no place in the chain: :class:`~thallus.audit.chain.Prepared`) and puts it on
+a bounded in-memory queue. One background task drains the queue in batches into the store, through
+an appender that keeps its connection between batches (:mod:`thallus.audit.append`); a batch starts
+at most every ``linger`` seconds, so a record after a quiet spell is written at once and a busy
+server's records share one transaction. All of this runs on the loop that serves requests, which is
+why each step is kept short (benchmarks/README.md, ``bench_audit.py``). When
 the database is unreachable or slower than ``write_timeout``, batches spill to this process's
 journal file (fsync'd per batch); once the database answers again, the journal — and any journal a
 stopped or crashed process left behind — is replayed in order, exactly once (records whose id is
@@ -18,14 +23,15 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
 
 from thallus.audit import AuditEvent
-from thallus.audit.chain import timestamp
+from thallus.audit.append import Appender, Linkable
+from thallus.audit.chain import Prepared, canonical_halves, normalise, timestamp
 from thallus.audit.journal import PATTERN, Journal, orphans, read_records
 from thallus.audit.store import AuditStore
 from thallus.correlation import uuid7
@@ -46,11 +52,12 @@ _LIMITS = {
     "error_message": 4000,
 }
 ERROR_LOG_INTERVAL = 60.0
-_WAKE_UP: dict[str, Any] = {}  # queued by stop() so the task notices at once
+_WAKE_UP = Prepared({}, ("", ""))  # queued by stop() so the task notices at once
 
 
 def prepare(event: AuditEvent) -> dict[str, Any]:
-    """A JSON-safe record with its idempotency id; secrets in ``details`` are redacted."""
+    """A JSON-safe record with its idempotency id; secrets in ``details`` are redacted, lengths
+    bounded, and the whole :func:`~thallus.audit.chain.normalised` (stored as it is hashed)."""
     record: dict[str, Any] = {
         "id": uuid7(),
         "action": event.action,
@@ -59,7 +66,7 @@ def prepare(event: AuditEvent) -> dict[str, Any]:
         "resource_type": event.resource_type,
         "resource_id": event.resource_id,
         "correlation_id": event.correlation_id,
-        "details": json.loads(json.dumps(redact(event.details), default=str)) if event.details is not None else None,
+        "details": json_safe(redact(event.details)) if event.details is not None else None,
         "error_message": event.error_message,
         "ip_address": event.ip_address,
         "user_agent": event.user_agent,
@@ -73,7 +80,19 @@ def prepare(event: AuditEvent) -> dict[str, Any]:
         value = record[name]
         if isinstance(value, str) and len(value) > limit:
             record[name] = value[:limit]
-    return record
+    return normalise(record)
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as JSON gives it back (``json.loads(json.dumps(value, default=str))``): a copy the
+    caller cannot change later. The usual flat ``details`` (string keys, scalar values) skip the
+    round trip; ``redact`` has copied that dict already."""
+    if type(value) is dict and all(type(key) is str and type(item) in _SCALARS for key, item in value.items()):
+        return value
+    return json.loads(json.dumps(value, default=str))
 
 
 class AuditWriter:
@@ -88,7 +107,7 @@ class AuditWriter:
         batch_size: int = 500,
         write_timeout: float = 5.0,
         retry_interval: float = 1.0,
-        linger: float = 0.02,
+        linger: float = 0.05,
     ) -> None:
         self.store = store
         self.journal_dir = journal_dir
@@ -97,13 +116,16 @@ class AuditWriter:
         self.write_timeout = write_timeout
         self.retry_interval = retry_interval
         self.linger = linger
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[Prepared] = asyncio.Queue(queue_size)
         self._journal_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._appender: Appender | None = None  # holds its connection between batches
         self._stopping = False
+        self._stop_requested = asyncio.Event()
         self._outstanding = 0  # queued records not yet stored or journalled
         self._last_retry = -math.inf
+        self._last_batch = -math.inf  # when the last batch was taken off the queue
         self._last_error_log = -math.inf
         self._last_orphan_scan = -math.inf
         self._orphans_seen = False
@@ -114,6 +136,7 @@ class AuditWriter:
     def record(self, event: AuditEvent) -> None:
         try:
             record = prepare(event)
+            prepared = Prepared(record, canonical_halves(record))  # the linking work that needs no seq
         except Exception:  # never fail the request over an audit record
             logger.exception("could not prepare audit event %s", event.action)
             return
@@ -123,11 +146,11 @@ class AuditWriter:
         except RuntimeError:
             running = None
         if loop is not None and running is not loop:
-            loop.call_soon_threadsafe(self._enqueue, record)  # from a worker thread
+            loop.call_soon_threadsafe(self._enqueue, prepared)  # from a worker thread
         else:
-            self._enqueue(record)
+            self._enqueue(prepared)
 
-    def _enqueue(self, record: dict[str, Any]) -> None:
+    def _enqueue(self, record: Prepared) -> None:
         try:
             self._queue.put_nowait(record)
             self._outstanding += 1
@@ -141,11 +164,14 @@ class AuditWriter:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
+        self._stop_requested = asyncio.Event()
+        self._appender = self.store.appender()
         self._task = asyncio.create_task(self._run(), name="thallus-audit-writer")
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Write (or journal) everything queued, then close the journal."""
         self._stopping = True
+        self._stop_requested.set()
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(_WAKE_UP)  # a full queue keeps the task busy anyway
         if self._task is not None:
@@ -161,6 +187,12 @@ class AuditWriter:
             self._append_to_journal(rest, sync=True)
         with self._journal_lock:
             self.journal.close()
+        if self._appender is not None:
+            appender, self._appender = self._appender, None
+            try:
+                await appender.close()
+            except Exception as exc:  # everything is stored or journalled already
+                logger.warning("could not close the audit appender: %s", exc)
 
     async def flush(self) -> None:
         """Wait until every record queued so far is stored or journalled (tests, CLI)."""
@@ -185,29 +217,34 @@ class AuditWriter:
             finally:
                 self._outstanding -= len(batch)
 
-    async def _next_batch(self) -> list[dict[str, Any]]:
+    async def _next_batch(self) -> list[Prepared]:
         try:
-            first = await asyncio.wait_for(self._queue.get(), timeout=0.05 if self._stopping else self.retry_interval)
+            async with asyncio.timeout(0.05 if self._stopping else self.retry_interval):
+                first = await self._queue.get()
         except TimeoutError:
             return []
         batch = [first]
         self._take_queued(batch)
-        if len(batch) < self.batch_size and not self._stopping:
-            # Linger a moment so that, at moderate load, one transaction carries many records
-            # instead of one (measured: ~2-3 ms of CPU per append, whatever its size).
-            await asyncio.sleep(self.linger)
+        wait = self._last_batch + self.linger - time.monotonic()
+        if wait > 0 and len(batch) < self.batch_size and not self._stopping:
+            # Appends start at most every ``linger`` seconds: a record after a quiet spell is written
+            # at once, a busy server's records share a transaction (benchmarks/README.md, bench_audit).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._stop_requested.wait()  # stop() cuts the wait short
             self._take_queued(batch)
+        self._last_batch = time.monotonic()
         return [record for record in batch if record is not _WAKE_UP]
 
-    def _take_queued(self, batch: list[dict[str, Any]]) -> None:
+    def _take_queued(self, batch: list[Prepared]) -> None:
         while len(batch) < self.batch_size:
             try:
                 batch.append(self._queue.get_nowait())
             except asyncio.QueueEmpty:
                 return
 
-    def _drain(self) -> list[dict[str, Any]]:
-        rest: list[dict[str, Any]] = []
+    def _drain(self) -> list[Prepared]:
+        rest: list[Prepared] = []
         while True:
             try:
                 record = self._queue.get_nowait()
@@ -216,7 +253,7 @@ class AuditWriter:
             if record is not _WAKE_UP:
                 rest.append(record)
 
-    async def _write(self, batch: list[dict[str, Any]]) -> None:
+    async def _write(self, batch: list[Prepared]) -> None:
         if self.journal.pending():  # this process's spilled records go first, in order
             if not await self._retry_journals(force=True):
                 await self._spill(batch)
@@ -228,10 +265,14 @@ class AuditWriter:
         else:
             await self._spill(batch)
 
-    async def _store(self, records: Sequence[Mapping[str, Any]], *, replay: bool = True) -> bool:
+    async def _store(self, records: Sequence[Linkable], *, replay: bool = True) -> bool:
         """Append to the store within the timeout; ``False`` when the database is away or slow."""
+        appender = self._appender
+        if appender is None:
+            raise RuntimeError("the audit writer is not started")
         try:
-            await asyncio.wait_for(self.store.append(records, replay=replay), self.write_timeout)
+            async with asyncio.timeout(self.write_timeout):
+                await appender.append(records, replay=replay)
         except TimeoutError:
             self._log_error(f"audit store slower than {self.write_timeout} s; journalling")
             return False
@@ -242,13 +283,13 @@ class AuditWriter:
             raise
         return True
 
-    async def _spill(self, batch: list[dict[str, Any]]) -> None:
+    async def _spill(self, batch: list[Prepared]) -> None:
         await anyio.to_thread.run_sync(self._append_to_journal, batch, True)
         self.stats["spilled"] += len(batch)
 
-    def _append_to_journal(self, records: list[dict[str, Any]], sync: bool) -> None:
+    def _append_to_journal(self, records: list[Prepared], sync: bool) -> None:
         with self._journal_lock:
-            self.journal.append(records, sync=sync)
+            self.journal.append((prepared.record for prepared in records), sync=sync)
 
     def _orphans_waiting(self) -> bool:
         """Whether another journal holds records (checked at most once per ``retry_interval``)."""
