@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -220,3 +221,24 @@ def test_csp_report_endpoint() -> None:
         assert (huge.status_code, huge.json()["error"]) == (413, "PayloadTooLargeError")
         output = server.output()
     assert '"csp_report"' in output and "script-src" in output
+
+
+def test_serve_factory_freezes_its_start_up_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects built before serving live as long as the process: they are kept out of full garbage
+    collections (whose pauses were the served p99, benchmarks/bench_service.py)."""
+    import gc
+    import logging
+
+    from thallus.service import serve_factory
+
+    monkeypatch.setenv("THALLUS_DATA_DIR", str(tmp_path))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level  # serve_factory configures JSON logging
+    gc.unfreeze()
+    try:
+        serve_factory()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        root.handlers[:] = handlers
+        root.setLevel(level)

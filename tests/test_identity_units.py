@@ -836,3 +836,21 @@ def test_a_registered_address_can_sign_in_as_typed(tmp_path: Path, email: str) -
             await identity.database.dispose()
 
     asyncio.run(register_then_sign_in())
+
+
+class _NoDatabase:
+    """A database that must not be used."""
+
+    def session(self) -> Any:
+        raise AssertionError("the database was used")
+
+
+def test_a_logout_naming_no_session_never_touches_the_database() -> None:
+    """A credential-less logout (e.g. a cross-site form whose cookie SameSite held back) ends nothing,
+    so it costs no database round trip."""
+    identity = Identity.__new__(Identity)  # only the attribute logout may reach
+    identity.database = _NoDatabase()  # type: ignore[assignment]
+    asyncio.run(identity.logout(raw_refresh=None, session_id=None, client=ClientInfo()))
+    asyncio.run(identity.logout(raw_refresh="", session_id=None, client=ClientInfo()))
+    with pytest.raises(AssertionError, match="database was used"):
+        asyncio.run(identity.logout(raw_refresh="some-token", session_id=None, client=ClientInfo()))
