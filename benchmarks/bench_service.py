@@ -385,13 +385,7 @@ class Served:
         threading.Thread(target=read, name=f"drain-{self.name}", daemon=True).start()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        test_helpers().stop_process(self.process, 15)
 
     def headers(self, request: Request) -> list[str]:
         if not request.api_key:
@@ -407,13 +401,14 @@ def clean_environment(settings: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def test_helpers() -> tuple[Callable[[], int], str, Any]:
-    """``tests.server``'s ``free_port``, ``thallus`` executable and ``running_server`` (repository root on the path)."""
+def test_helpers() -> Any:
+    """The ``tests.server`` module (``free_port``, ``THALLUS``, ``running_server``, ``stop_process``),
+    with the repository root on the path."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from tests.server import THALLUS, free_port, running_server
+    import tests.server
 
-    return free_port, THALLUS, running_server
+    return tests.server
 
 
 def wait_until_up(process: subprocess.Popen[str], url: str, name: str) -> None:
@@ -432,7 +427,7 @@ def wait_until_up(process: subprocess.Popen[str], url: str, name: str) -> None:
 
 
 def start_bare(stack: ExitStack) -> Served:
-    free_port, _, _ = test_helpers()
+    free_port = test_helpers().free_port
     port = free_port()
     command = [
         sys.executable,
@@ -464,7 +459,7 @@ def start_bare(stack: ExitStack) -> Served:
 
 
 def thallus_cli(env: Mapping[str, str], *args: str, stdin: str | None = None) -> str:
-    _, thallus, _ = test_helpers()
+    thallus = test_helpers().THALLUS
     done = subprocess.run(
         [thallus, *args], env=dict(env), input=stdin, capture_output=True, text=True, timeout=120, check=False
     )
@@ -476,7 +471,7 @@ def thallus_cli(env: Mapping[str, str], *args: str, stdin: str | None = None) ->
 def start_thallus(stack: ExitStack, config: ServerConfig, redis: RedisTarget | None, *, needs_key: bool) -> Served:
     """A data directory, a user with an API key made by the CLI in it (when a run sends the key),
     then ``thallus serve`` on it."""
-    _, _, running_server = test_helpers()
+    running_server = test_helpers().running_server
     data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"thallus-bench-service-{config.name}-"))
     settings = {**SETTINGS, **config.settings, "THALLUS_DATA_DIR": data_dir}
     if config.redis:
