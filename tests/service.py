@@ -74,6 +74,11 @@ class Api:
     def identity(self) -> Identity:
         return self.service.identity
 
+    @property
+    def cookie_name(self) -> str:
+        """The refresh cookie's name (``__Secure-thallus_refresh`` outside development)."""
+        return self.identity.settings.cookie_policy.name
+
     def run(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         """Call an async identity function on the service's own event loop."""
         assert self.client.portal is not None
@@ -90,7 +95,7 @@ class Api:
         )
         if response.status_code == 200:
             remember_secret(response.json()["access_token"])
-            remember_secret(self.client.cookies.get("thallus_refresh") or "")
+            remember_secret(self.client.cookies.get(self.cookie_name) or "")
         return response
 
     def bearer(self, email: str = "ada@example.com") -> dict[str, str]:

@@ -196,7 +196,8 @@ def test_cookie_attributes_per_environment(database_url: str, env: str, expected
         api.create_user()
         cookie = refresh_cookie_header(api.login())
         name_value, _, attributes = cookie.partition("; ")
-        assert name_value.startswith("thallus_refresh=") and len(name_value) > 40
+        name = "thallus_refresh" if env == "development" else "__Secure-thallus_refresh"
+        assert name_value.startswith(name + "=") and len(name_value) > 40
         assert attributes == expected
 
 
@@ -207,13 +208,13 @@ def refresh(api: Api, **headers: str) -> Any:
 def test_refresh_rotates_the_cookie(api: Api) -> None:
     api.create_user()
     first = api.login()
-    first_cookie = api.client.cookies.get("thallus_refresh")
+    first_cookie = api.client.cookies.get(api.cookie_name)
     rotated = refresh(api)
     assert rotated.status_code == 200
     body = rotated.json()
     assert set(body) == {"access_token", "user", "expires_in"}
     assert body["access_token"] != first.json()["access_token"]
-    assert api.client.cookies.get("thallus_refresh") not in (None, first_cookie)
+    assert api.client.cookies.get(api.cookie_name) not in (None, first_cookie)
     assert rotated.headers["cache-control"] == "no-store"
     assert refresh(api).status_code == 200, "the new cookie works"
 
@@ -221,19 +222,19 @@ def test_refresh_rotates_the_cookie(api: Api) -> None:
 def test_reusing_a_rotated_token_revokes_the_family(api: Api) -> None:
     api.create_user()
     login = api.login()
-    stolen = api.client.cookies.get("thallus_refresh")
+    stolen = api.client.cookies.get(api.cookie_name)
     assert refresh(api).status_code == 200
-    current = api.client.cookies.get("thallus_refresh")
+    current = api.client.cookies.get(api.cookie_name)
     assert stolen and current
     # the thief replays the old token
-    api.client.cookies.set("thallus_refresh", stolen, domain="api.example.com", path="/api/v1/auth")
+    api.client.cookies.set(api.cookie_name, stolen, domain="api.example.com", path="/api/v1/auth")
     replay = refresh(api)
     assert_error(replay, 401, "AuthenticationError")
     assert "already used" in replay.json()["message"]
-    assert "thallus_refresh=" in replay.headers["set-cookie"] and "Max-Age=0" in replay.headers["set-cookie"]
+    assert f"{api.cookie_name}=" in replay.headers["set-cookie"] and "Max-Age=0" in replay.headers["set-cookie"]
     assert "token_reuse_detected" in api.audit.actions()
     # the legitimate holder's newer token is dead too, and so is the session's access token
-    api.client.cookies.set("thallus_refresh", current, domain="api.example.com", path="/api/v1/auth")
+    api.client.cookies.set(api.cookie_name, current, domain="api.example.com", path="/api/v1/auth")
     assert_error(refresh(api), 401, "AuthenticationError")
     token = login.json()["access_token"]
     assert_error(
@@ -245,10 +246,10 @@ def test_other_sessions_survive_a_reuse(api: Api) -> None:
     api.create_user()
     other = api.bearer()
     api.login()
-    stolen = api.client.cookies.get("thallus_refresh")
+    stolen = api.client.cookies.get(api.cookie_name)
     assert stolen
     refresh(api)
-    api.client.cookies.set("thallus_refresh", stolen, domain="api.example.com", path="/api/v1/auth")
+    api.client.cookies.set(api.cookie_name, stolen, domain="api.example.com", path="/api/v1/auth")
     refresh(api)
     assert api.client.get("/api/v1/users/me", headers=other).status_code == 200
 
@@ -266,7 +267,7 @@ def test_refresh_needs_a_cookie_and_origin_evidence(api: Api) -> None:
 def test_garbage_refresh_cookie_is_a_401(api: Api) -> None:
     for garbage in ("garbage", "=;;=", "x" * 4000):
         response = api.client.post(
-            "/api/v1/auth/refresh", headers={**SAME_ORIGIN, "Cookie": f"thallus_refresh={garbage}"}
+            "/api/v1/auth/refresh", headers={**SAME_ORIGIN, "Cookie": f"{api.cookie_name}={garbage}"}
         )
         assert_error(response, 401, "AuthenticationError")
 
@@ -513,15 +514,29 @@ def test_only_the_owner_can_revoke(api: Api) -> None:
     assert api.client.get("/api/v1/users/me", headers={"X-API-Key": key["key"]}).status_code == 200
 
 
-def test_api_key_actions_are_attributed(api: Api) -> None:
+def test_key_management_needs_a_session(api: Api) -> None:
+    """SYSTEM.md §9: a key cannot mint, list or revoke keys, nor change the password."""
     api.create_user()
-    raw = api.new_key(api.bearer())["key"]
-    second = api.client.post("/api/v1/api-keys", json={"name": "made by a key"}, headers={"X-API-Key": raw})
-    assert second.status_code == 201
-    event = [e for e in api.audit.events if e.action == "api_key_create"][-1]
-    assert event.details is not None
-    assert event.details["auth_method"] == "api_key"
-    assert event.details["api_key_id"]
+    bearer = api.bearer()
+    first, second = api.new_key(bearer), api.new_key(bearer, name="second")
+    key = {"X-API-Key": first["key"]}
+    refused = [
+        api.client.post("/api/v1/api-keys", json={"name": "made by a key"}, headers=key),
+        api.client.get("/api/v1/api-keys", headers=key),
+        api.client.delete(f"/api/v1/api-keys/{second['id']}", headers=key),
+        api.client.post(
+            "/api/v1/auth/password", json={"current_password": PASSWORD, "new_password": "x"}, headers=key | SAME_ORIGIN
+        ),
+    ]
+    for response in refused:
+        assert_error(response, 403, "PermissionDeniedError")
+    denied = [e for e in api.audit.events if e.action == "permission_denied"]
+    assert len(denied) == 4
+    assert all(e.details is not None and e.details["needs"] == "session" for e in denied)
+    assert {e.details["api_key_id"] for e in denied if e.details} == {first["id"]}
+    assert api.audit.actions().count("api_key_create") == 2, "nothing was created by the key"
+    assert api.client.get("/api/v1/users/me", headers={"X-API-Key": second["key"]}).status_code == 200
+    assert len(api.client.get("/api/v1/api-keys", headers=bearer).json()) == 2
 
 
 def test_last_used_is_buffered_not_written_per_request(api: Api) -> None:
@@ -569,13 +584,14 @@ def test_revocation_reaches_other_instances_within_the_cache_bound(database_url:
 def test_csrf_exemption_only_for_valid_keys(api: Api) -> None:
     api.create_user()
     headers = api.bearer()  # leaves the refresh cookie in the client: requests carry a cookie
-    assert api.client.cookies.get("thallus_refresh")
+    assert api.client.cookies.get(api.cookie_name)
     raw = api.new_key(headers | SAME_ORIGIN)["key"]
     cross_site = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
     # cookies are scoped to /api/v1/auth: send one explicitly to a key-authenticated endpoint
-    cookie = {"Cookie": f"thallus_refresh={api.client.cookies.get('thallus_refresh')}"}
+    cookie = {"Cookie": f"{api.cookie_name}={api.client.cookies.get(api.cookie_name)}"}
     valid = api.client.post("/api/v1/api-keys", json={"name": "x"}, headers={**cross_site, **cookie, "X-API-Key": raw})
-    assert valid.status_code == 201, "a verified key is exempt from CSRF"
+    # past CSRF to the route, which refuses keys for key management (a session is needed)
+    assert_error(valid, 403, "PermissionDeniedError")
     forged = api.client.post(
         "/api/v1/api-keys", json={"name": "x"}, headers={**cross_site, **cookie, "X-API-Key": "thal_" + "B" * 43}
     )

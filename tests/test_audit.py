@@ -669,14 +669,12 @@ def test_one_request_record_per_state_changing_request(admin_api: Api) -> None:
     api = admin_api
     headers = api.bearer()
     key = api.new_key(headers)["key"]
-    created = api.client.post(
-        "/api/v1/api-keys", json={"name": "x"}, headers={"X-API-Key": key, "X-Correlation-ID": "req-1"}
-    )
+    created = api.client.post("/api/v1/auth/logout", headers={"X-API-Key": key, "X-Correlation-ID": "req-1"})
     missing = api.client.post("/api/v1/nowhere", headers={"X-Correlation-ID": "req-2"})
     api.client.get("/api/v1/users/me", headers={"X-Correlation-ID": "req-3"})  # safe: no request record
     requests = {row.correlation_id: row for row in api.stored_audit() if row.action == "request"}
     made = requests["req-1"]
-    assert (made.method, made.path, made.status_code, made.outcome) == ("POST", "/api/v1/api-keys", 201, "success")
+    assert (made.method, made.path, made.status_code, made.outcome) == ("POST", "/api/v1/auth/logout", 204, "success")
     assert made.details is not None and made.details["auth_method"] == "api_key" and made.details["api_key_id"]
     assert made.duration_ms is not None and made.duration_ms > 0
     ada = api.run(api.identity.user_by_email, "ada@example.com")
@@ -684,7 +682,7 @@ def test_one_request_record_per_state_changing_request(admin_api: Api) -> None:
     assert requests["req-2"].status_code == missing.status_code == 404
     assert requests["req-2"].user_id is None
     assert "req-3" not in requests
-    assert created.status_code == 201
+    assert created.status_code == 204
 
 
 def test_query_endpoint(admin_api: Api) -> None:

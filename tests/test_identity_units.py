@@ -679,6 +679,9 @@ def test_restore_after_a_failed_flush_keeps_the_newest_time() -> None:
         ("Ada@Example.COM", "ada@example.com"),
         ("ADA.LOVELACE+tag@EXAMPLE.org", "ada.lovelace+tag@example.org"),
         ("Ådä@Bücher.example", "ådä@bücher.example"),
+        (" ada@example.com\t", "ada@example.com"),
+        ("ａｄａ@ｅｘａｍｐｌｅ.com", "ada@example.com"),
+        ("ada@xn--bcher-kva.example", "ada@bücher.example"),
     ],
 )
 def test_normalize_email_lower_cases(raw: str, stored: str) -> None:
@@ -687,7 +690,16 @@ def test_normalize_email_lower_cases(raw: str, stored: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["", "ada", "ada@", "@example.com", "ada@@example.com", "ada@example..com", " ada@example.com", "ada@exa mple.com"],
+    [
+        "",
+        "ada",
+        "ada@",
+        "@example.com",
+        "ada@@example.com",
+        "ada@example..com",
+        "ada@exa mple.com",
+        "ada@example.com\u200b",
+    ],
 )
 def test_normalize_email_rejects_invalid_addresses(raw: str) -> None:
     with pytest.raises(ValidationError) as caught:

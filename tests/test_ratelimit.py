@@ -16,7 +16,7 @@ from tests.conftest import RedisTarget
 from tests.service import RecordingSink
 from thallus import Settings, protect
 from thallus._asgi import ASGIApp
-from thallus.ratelimit import RateLimitMiddleware, client_ip, create_storage, parse_networks
+from thallus.ratelimit import RateLimitMiddleware, client_ip, client_network, create_storage, parse_networks
 
 SPA = "https://app.example.com"
 
@@ -52,22 +52,87 @@ PROXIES = parse_networks(["10.0.0.0/8", "2001:db8::/32"])
         ("10.0.0.2", [("x-forwarded-for", "198.51.100.9:4711")], "198.51.100.9"),
         ("10.0.0.2", [("x-forwarded-for", "[2001:db9::1]:80")], "2001:db9::1"),
         ("10.0.0.2", [("x-forwarded-for", "2001:db9::1")], "2001:db9::1"),
-        ("10.0.0.2", [("forwarded", 'for="[2001:db9::1]:4711";proto=https, for=10.0.0.7')], "2001:db9::1"),
-        ("10.0.0.2", [("forwarded", "for=198.51.100.9;by=10.0.0.2")], "198.51.100.9"),
+        ("10.0.0.2", [("forwarded", "for=198.51.100.9")], "10.0.0.2"),  # not the configured header
         ("2001:db8::5", [("x-forwarded-for", "198.51.100.9")], "198.51.100.9"),
         # malformed: ignored, never an error
         ("10.0.0.2", [("x-forwarded-for", "not-an-ip")], "10.0.0.2"),
         ("10.0.0.2", [("x-forwarded-for", "198.51.100.9, garbage")], "10.0.0.2"),
         ("10.0.0.2", [("x-forwarded-for", "")], "10.0.0.2"),
         ("10.0.0.2", [("x-forwarded-for", ",,,")], "10.0.0.2"),
-        ("10.0.0.2", [("forwarded", "proto=https")], "10.0.0.2"),
-        ("10.0.0.2", [("forwarded", "for=")], "10.0.0.2"),
         ("10.0.0.2", [("x-forwarded-for", "\xff\xfe")], "10.0.0.2"),
     ],
 )
 def test_client_ip(peer: str, headers: list[tuple[str, str]], expected: str) -> None:
     scope = {"client": (peer, 1), "headers": [(k.encode(), v.encode("latin-1")) for k, v in headers]}
     assert client_ip(scope, PROXIES) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([("forwarded", 'for="[2001:db9::1]:4711";proto=https, for=10.0.0.7')], "2001:db9::1"),
+        ([("forwarded", "for=198.51.100.9;by=10.0.0.2")], "198.51.100.9"),
+        ([("forwarded", "for=198.51.100.9"), ("x-forwarded-for", "203.0.113.1")], "198.51.100.9"),
+        ([("x-forwarded-for", "203.0.113.1")], "10.0.0.2"),  # the client's own header: ignored
+        ([("forwarded", "proto=https")], "10.0.0.2"),
+        ([("forwarded", "for=")], "10.0.0.2"),
+        ([("forwarded", "for=unknown")], "10.0.0.2"),
+    ],
+)
+def test_client_ip_from_forwarded(headers: list[tuple[str, str]], expected: str) -> None:
+    """THALLUS_PROXY_HEADER=forwarded: RFC 7239 only, X-Forwarded-For ignored even from a trusted proxy."""
+    scope = {"client": ("10.0.0.2", 1), "headers": [(k.encode(), v.encode("latin-1")) for k, v in headers]}
+    assert client_ip(scope, PROXIES, "forwarded") == expected
+
+
+def test_client_ip_ignores_forwarded_by_default() -> None:
+    scope = {"client": ("10.0.0.2", 1), "headers": [(b"forwarded", b"for=1.2.3.4"), (b"x-forwarded-for", b"5.6.7.8")]}
+    assert client_ip(scope, PROXIES) == "5.6.7.8"
+
+
+@pytest.mark.parametrize(
+    ("address", "ipv4_prefix", "ipv6_prefix", "expected"),
+    [
+        ("198.51.100.7", 32, 64, "198.51.100.7"),
+        ("198.51.100.7", 24, 64, "198.51.100.0/24"),
+        ("::ffff:198.51.100.7", 32, 64, "198.51.100.7"),  # IPv4-mapped: the IPv4 client
+        ("::ffff:198.51.100.7", 24, 64, "198.51.100.0/24"),
+        ("2001:db8:1:2::1", 32, 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", 32, 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", 32, 64, "2001:db8:1:3::/64"),
+        ("2001:db8:1:2::1", 32, 128, "2001:db8:1:2::1"),
+        ("2001:db8:1:2::1", 32, 48, "2001:db8:1::/48"),
+        ("::1", 32, 64, "::/64"),
+        ("unknown", 32, 64, "unknown"),
+        ("/tmp/sock", 32, 64, "/tmp/sock"),
+    ],
+)
+def test_client_network(address: str, ipv4_prefix: int, ipv6_prefix: int, expected: str) -> None:
+    assert client_network(address, ipv4_prefix, ipv6_prefix) == expected
+
+
+def test_one_ipv6_network_shares_a_limit() -> None:
+    app = limited(general="2/minute")
+    statuses = [call_from(app, f"2001:db8:1:2::{i}").status for i in range(1, 4)]
+    assert statuses == [200, 200, 429], "three addresses of one /64 are one client"
+    assert call_from(app, "2001:db8:1:3::1").status == 200, "another /64 is another client"
+    per_address = limited(general="2/minute", ipv6_prefix=128)
+    assert [call_from(per_address, f"2001:db8:1:2::{i}").status for i in range(1, 4)] == [200] * 3
+
+
+def test_the_audited_address_stays_whole() -> None:
+    sink = RecordingSink()
+    app = limited(general="1/minute", audit=sink)
+    call_from(app, "2001:db8:1:2::1")
+    call_from(app, "2001:db8:1:2::2")
+    assert [event.ip_address for event in sink.events if event.action == "rate_limited"] == ["2001:db8:1:2::2"]
+
+
+def test_limiter_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="proxy_header"):
+        limited(proxy_header="x-real-ip")
+    with pytest.raises(ValueError, match="ipv6_prefix"):
+        limited(ipv6_prefix=129)
 
 
 def test_client_ip_without_trusted_proxies_is_the_peer() -> None:

@@ -282,7 +282,6 @@ def _users_list(args: argparse.Namespace) -> int:
 def _users_unlock(args: argparse.Namespace) -> int:
     from thallus.api import login_lockout
     from thallus.identity.service import ClientInfo
-    from thallus.ratelimit import create_storage
 
     settings = _load_settings()
     if not settings.redis_url:
@@ -297,7 +296,7 @@ def _users_unlock(args: argparse.Namespace) -> int:
         user = await identity.user_by_email(args.email)
         if user is None:
             raise NotFoundError(f"No user with e-mail address {args.email}.")
-        identity.lockout = login_lockout(settings, create_storage(settings.redis_url, settings.redis_key_prefix))
+        identity.lockout = login_lockout(settings)
         return user.id, await identity.unlock(user.id, ClientInfo(user_agent="thallus-cli"), actor="cli")
 
     user_id, was_locked = _run(_with_identity(settings, work))

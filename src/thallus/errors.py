@@ -48,6 +48,7 @@ ERROR_TYPES: dict[int, str] = {
     422: "ValidationError",
     429: "RateLimitError",
     500: "InternalServerError",
+    503: "ServiceUnavailableError",
 }
 
 _MESSAGES: dict[int, str] = {
@@ -59,6 +60,7 @@ _MESSAGES: dict[int, str] = {
     413: "The request body is too large.",
     429: "Too many requests.",
     500: "An internal error occurred.",
+    503: "The service is temporarily unavailable; try again shortly.",
 }
 
 
@@ -154,6 +156,10 @@ class RateLimitError(ThallusError):
 
 class InternalServerError(ThallusError):
     status_code = 500
+
+
+class ServiceUnavailableError(ThallusError):
+    status_code = 503
 
 
 def error_body(error: str, message: str, details: Any = None, correlation_id: str | None = None) -> bytes:

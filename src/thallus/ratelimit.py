@@ -1,30 +1,29 @@
-"""Rate limiting per client IP and progressive login lockout (SYSTEM.md §10).
+"""Rate limiting per client network (SYSTEM.md §10, layer 5 of §2).
 
-Both rest on the ``limits`` library: a moving-window limiter for requests, and its storage's atomic
-counters with expiry for the lockout state — in process memory by default, in Redis when
-``THALLUS_REDIS_URL`` is set, so limits and locks hold across every instance.
+A moving-window limiter from the ``limits`` library, in process memory by default, in Redis when
+``THALLUS_REDIS_URL`` is set, so limits hold across every instance:
 
 * **Requests.** A general limit (``THALLUS_RATE_LIMIT``, default ``120/minute``) and a stricter one
-  on the authentication endpoints (``THALLUS_RATE_LIMIT_AUTH``, ``10/minute``), per client IP;
+  on the authentication endpoints (``THALLUS_RATE_LIMIT_AUTH``, ``10/minute``), per client;
   ``/health`` and ``/metrics`` are exempt. Exceeding one answers ``429 RateLimitError`` at once,
   with ``Retry-After`` (the limit's window, 60 s for a per-minute limit) and the IETF draft
   ``RateLimit-Policy`` / ``RateLimit`` headers, which every response of a limited route carries.
   If the storage is unreachable, limits fail open (one error log line a minute). Each request
   makes one storage call that takes the hit and reads the window (:func:`moving_window`).
-* **Client IP.** The peer address. ``X-Forwarded-For`` / ``Forwarded`` count only when the peer is a
-  trusted proxy (``THALLUS_TRUSTED_PROXIES``); then the right-most hop that is not a trusted proxy is
-  the client. A malformed forwarding header is ignored, never an error.
-* **Lockout.** After ``THALLUS_LOCKOUT_THRESHOLD`` consecutive failed logins for an e-mail address
-  (known or not, so a lock reveals nothing), the address is locked for the next step of
-  ``THALLUS_LOCKOUT_STEPS`` (the last repeats). Attempts during a lock do not extend it; success
-  resets the failure count; the step level starts again a day after the first lock of a series;
-  an admin unlock resets everything. If the storage is unreachable, lockout fails closed
-  (:class:`LockoutUnavailableError`).
+* **Client address.** The peer address. The forwarding header named by ``THALLUS_PROXY_HEADER``
+  (``X-Forwarded-For``, the default, or RFC 7239 ``Forwarded``; never both) counts only when the
+  peer is a trusted proxy (``THALLUS_TRUSTED_PROXIES``); then the right-most hop that is not a
+  trusted proxy is the client. A malformed forwarding header is ignored, never an error.
+* **Client key.** Clients are counted per network: IPv4 per address (``THALLUS_RATE_LIMIT_IPV4_PREFIX``,
+  32), IPv6 per /64 (``THALLUS_RATE_LIMIT_IPV6_PREFIX``, 64) — :func:`client_network`. Audit
+  records keep the full address.
+
+The login lockout, which counts per account rather than per client, is
+:mod:`thallus.identity.lockout`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import math
@@ -33,7 +32,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import MovingWindowSupport, RedisStorage, Storage
@@ -52,7 +51,6 @@ logger = logging.getLogger("thallus.ratelimit")
 
 CLIENT_IP_STATE_KEY = "client_ip"
 FAIL_OPEN_LOG_INTERVAL = 60.0
-LEVEL_DECAY_SECONDS = 86400
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -107,7 +105,8 @@ def _forwarded_for(value: str) -> list[str] | None:
     return hops
 
 
-_FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"forwarded"})
+ProxyHeader = Literal["x-forwarded-for", "forwarded"]
+PROXY_HEADERS: tuple[ProxyHeader, ...] = ("x-forwarded-for", "forwarded")
 
 
 def _is_trusted(address: str, proxies: Sequence[IPNetwork]) -> bool:
@@ -115,8 +114,15 @@ def _is_trusted(address: str, proxies: Sequence[IPNetwork]) -> bool:
     return any(ip in network for network in proxies)
 
 
-def client_ip(scope: Scope, trusted_proxies: Sequence[IPNetwork] = ()) -> str:
-    """The client's address: the peer, or — behind trusted proxies — the right-most untrusted hop."""
+def client_ip(
+    scope: Scope, trusted_proxies: Sequence[IPNetwork] = (), proxy_header: ProxyHeader = "x-forwarded-for"
+) -> str:
+    """The client's address: the peer, or — behind trusted proxies — the right-most untrusted hop.
+
+    Only ``proxy_header`` is read, and only from a trusted peer: the proxy overwrites or appends to
+    the header it is configured to write, but passes any other one through as the client sent it,
+    so believing both would let a client choose its own address.
+    """
     client = scope.get("client")
     peer: str | None = str(client[0]) if client else None
     if not peer or not trusted_proxies:
@@ -126,13 +132,11 @@ def client_ip(scope: Scope, trusted_proxies: Sequence[IPNetwork] = ()) -> str:
             return peer
     except ValueError:  # a unix socket path or similar: no forwarding to trust
         return peer
-    headers = collect_headers(scope, _FORWARDING_HEADERS)
-    forwarded_for, forwarded = headers.get(b"x-forwarded-for"), headers.get(b"forwarded")
-    hops: list[str] | None = None
-    if forwarded_for:
-        hops = ", ".join(forwarded_for).split(",")
-    elif forwarded:
-        hops = _forwarded_for(", ".join(forwarded))
+    name = proxy_header.encode()
+    values = collect_headers(scope, frozenset({name})).get(name)
+    if not values:
+        return peer
+    hops = ", ".join(values).split(",") if proxy_header == "x-forwarded-for" else _forwarded_for(", ".join(values))
     if not hops:
         return peer
     addresses = [_parse_hop(hop) for hop in hops]
@@ -143,6 +147,25 @@ def client_ip(scope: Scope, trusted_proxies: Sequence[IPNetwork] = ()) -> str:
         if not _is_trusted(address, trusted_proxies):
             return address
     return addresses[0] or peer
+
+
+def client_network(address: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
+    """The key a client is counted by: its address's network (SYSTEM.md §10).
+
+    One IPv6 customer holds a whole /64 (RFC 6177) and can pick any of its 2^64 addresses per
+    request, so per-address IPv6 limits do not exist; an IPv4-mapped IPv6 address
+    (``::ffff:192.0.2.1``, a dual-stack socket's view of an IPv4 client) is that IPv4 client.
+    Text that is not an address (``unknown``, a unix socket path) is its own key.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip) if ipv4_prefix == 32 else str(ipaddress.IPv4Network((ip, ipv4_prefix), strict=False))
+    return str(ip) if ipv6_prefix == 128 else str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
 
 
 # -- the shared backend -----------------------------------------------------------------------
@@ -376,9 +399,16 @@ class RateLimitMiddleware:
         auth_paths: Sequence[str] = ("/api/v1/auth",),
         exempt_paths: Sequence[str] = ("/health", "/metrics"),
         trusted_proxies: Sequence[str] = (),
+        proxy_header: ProxyHeader = "x-forwarded-for",
+        ipv4_prefix: int = 32,
+        ipv6_prefix: int = 64,
         key_prefix: str = "thallus",
         audit: AuditSink | None = None,
     ) -> None:
+        if proxy_header not in PROXY_HEADERS:
+            raise ValueError(f"proxy_header must be one of {', '.join(PROXY_HEADERS)}")
+        if not (1 <= ipv4_prefix <= 32 and 1 <= ipv6_prefix <= 128):
+            raise ValueError("ipv4_prefix must be 1–32 and ipv6_prefix 1–128")
         self.app = app
         self.window = moving_window(storage)
         self.general = Policy.of("general", parse_limit(general))
@@ -386,6 +416,9 @@ class RateLimitMiddleware:
         self.auth_paths = tuple(auth_paths)
         self.exempt_paths = frozenset(exempt_paths)
         self.trusted_proxies = parse_networks(trusted_proxies)
+        self.proxy_header = proxy_header
+        self.ipv4_prefix = ipv4_prefix
+        self.ipv6_prefix = ipv6_prefix
         self.key_prefix = key_prefix
         self.audit = audit
         self._last_failure_log = -math.inf
@@ -394,15 +427,16 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        address = client_ip(scope, self.trusted_proxies)
-        scope_state(scope)[CLIENT_IP_STATE_KEY] = address
+        address = client_ip(scope, self.trusted_proxies, self.proxy_header)
+        scope_state(scope)[CLIENT_IP_STATE_KEY] = address  # the full address, for audit records
         path: str = scope.get("path", "")
         if path in self.exempt_paths:
             await self.app(scope, receive, send)
             return
         policy = self.auth if path.startswith(self.auth_paths) else self.general
         try:
-            hit = await self.window.hit(policy.limit, self.key_prefix, policy.name, address)
+            network = client_network(address, self.ipv4_prefix, self.ipv6_prefix)
+            hit = await self.window.hit(policy.limit, self.key_prefix, policy.name, network)
         except Exception as exc:  # storage unreachable: fail open, say so (rarely)
             self._log_failure(exc)
             await self.app(scope, receive, send)
@@ -450,69 +484,3 @@ class RateLimitMiddleware:
         if now - self._last_failure_log >= FAIL_OPEN_LOG_INTERVAL:
             self._last_failure_log = now
             logger.error("rate-limit storage unreachable; limits are not enforced: %s", type(exc).__name__)
-
-
-# -- login lockout ------------------------------------------------------------------------------
-
-
-class LockoutUnavailableError(Exception):
-    """The lockout state cannot be read or written; logins must be refused (fail closed)."""
-
-
-@dataclass(frozen=True, slots=True)
-class FailedLogin:
-    failed_attempts: int
-    locked_for: int | None  # seconds, when this failure locked the account
-
-
-class LoginLockout:
-    """Progressive lockout per e-mail address, on the same storage as the request limits."""
-
-    def __init__(self, storage: Storage, *, threshold: int, steps: Sequence[int], key_prefix: str = "thallus") -> None:
-        self.storage = storage
-        self.threshold = threshold
-        self.steps = tuple(steps)
-        self.key_prefix = key_prefix
-
-    def _key(self, kind: str, email: str) -> str:
-        digest = hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
-        return f"{self.key_prefix}/lockout/{kind}/{digest}"
-
-    async def seconds_locked(self, email: str) -> int:
-        """Seconds until the address unlocks; 0 when it is not locked."""
-        try:
-            key = self._key("lock", email)
-            if await self.storage.get(key) <= 0:
-                return 0
-            return max(1, math.ceil(await self.storage.get_expiry(key) - time.time()))
-        except Exception as exc:
-            raise LockoutUnavailableError(str(exc)) from exc
-
-    async def record_failure(self, email: str) -> FailedLogin:
-        try:
-            failures = await self.storage.incr(self._key("failures", email), LEVEL_DECAY_SECONDS)
-            if failures < self.threshold:
-                return FailedLogin(failures, None)
-            await self.storage.clear(self._key("failures", email))
-            level = await self.storage.incr(self._key("level", email), LEVEL_DECAY_SECONDS)
-            duration = self.steps[min(level, len(self.steps)) - 1]
-            await self.storage.incr(self._key("lock", email), duration)
-            return FailedLogin(failures, duration)
-        except Exception as exc:
-            raise LockoutUnavailableError(str(exc)) from exc
-
-    async def record_success(self, email: str) -> None:
-        try:
-            await self.storage.clear(self._key("failures", email))
-        except Exception as exc:
-            raise LockoutUnavailableError(str(exc)) from exc
-
-    async def unlock(self, email: str) -> bool:
-        """Clear the lock, the failure count and the step level; whether a lock was in place."""
-        try:
-            was_locked = await self.storage.get(self._key("lock", email)) > 0
-            for kind in ("lock", "failures", "level"):
-                await self.storage.clear(self._key(kind, email))
-        except Exception as exc:
-            raise LockoutUnavailableError(str(exc)) from exc
-        return was_locked

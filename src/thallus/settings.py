@@ -72,10 +72,18 @@ class _RefusalError(ValueError):
         self.reason = reason
 
 
+#: The refresh cookie's name. Outside development it carries the ``__Secure-`` prefix (RFC 6265bis
+#: §4.1.3.1): a browser accepts such a cookie only with ``Secure`` from an https origin, so a
+#: plain-http page or a network attacker cannot plant or overwrite it.
+REFRESH_COOKIE = "thallus_refresh"
+SECURE_REFRESH_COOKIE = "__Secure-" + REFRESH_COOKIE
+
+
 @dataclass(frozen=True, slots=True)
 class CookiePolicy:
-    """Attributes of the session (refresh) cookie for an environment (SYSTEM.md §6)."""
+    """Name and attributes of the session (refresh) cookie for an environment (SYSTEM.md §6)."""
 
+    name: str
     secure: bool
     same_site: Literal["Lax", "Strict"]
     path: str
@@ -151,7 +159,12 @@ class Settings(BaseSettings):
     rate_limit_auth: str = Field("10/minute", description="per-IP limit on the authentication endpoints")
     rate_limit_auth_paths: CommaList = Field((AUTH_PATH,), description="path prefixes under the auth limit")
     rate_limit_exempt_paths: CommaList = Field(("/health", "/metrics"), description="paths never limited")
-    trusted_proxies: CommaList = Field((), description="IPs/CIDRs whose X-Forwarded-For / Forwarded is believed")
+    trusted_proxies: CommaList = Field((), description="IPs/CIDRs whose forwarding header is believed")
+    proxy_header: Literal["x-forwarded-for", "forwarded"] = Field(
+        "x-forwarded-for", description="the one forwarding header read from a trusted proxy; the other is ignored"
+    )
+    rate_limit_ipv4_prefix: int = Field(32, ge=1, le=32, description="IPv4 clients are counted per this network")
+    rate_limit_ipv6_prefix: int = Field(64, ge=1, le=128, description="IPv6 clients are counted per this network")
     redis_url: str | None = Field(None, description="redis://host:port/db: limits and lockouts across instances")
     redis_key_prefix: str = Field("thallus", description="prefix of every Redis key")
     lockout_threshold: int = Field(5, ge=1, description="consecutive failed logins before a lock")
@@ -166,6 +179,12 @@ class Settings(BaseSettings):
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_cost: int = Field(65536, ge=8, description="KiB")
     argon2_parallelism: int = Field(4, ge=1)
+    password_hash_concurrency: int | None = Field(
+        None, ge=1, le=1024, description="Argon2 operations at once per process; default two per CPU"
+    )
+    password_hash_max_wait: float = Field(
+        5.0, gt=0, le=60, description="seconds a request waits for a hashing slot before a 503"
+    )
 
     # -- parsing -------------------------------------------------------------------------
 
@@ -298,6 +317,11 @@ class Settings(BaseSettings):
     def _parse_rate_paths(cls, value: Any) -> Any:
         return cls._parse_paths(value)
 
+    @field_validator("proxy_header", mode="before")
+    @classmethod
+    def _parse_proxy_header(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _parse_log_level(cls, value: Any) -> Any:
@@ -422,8 +446,8 @@ class Settings(BaseSettings):
     @property
     def cookie_policy(self) -> CookiePolicy:
         if self.env == "development":
-            return CookiePolicy(secure=False, same_site="Lax", path=AUTH_PATH)
-        return CookiePolicy(secure=True, same_site="Strict", path=AUTH_PATH)
+            return CookiePolicy(REFRESH_COOKIE, secure=False, same_site="Lax", path=AUTH_PATH)
+        return CookiePolicy(SECURE_REFRESH_COOKIE, secure=True, same_site="Strict", path=AUTH_PATH)
 
 
 def variable_name(field: str) -> str:

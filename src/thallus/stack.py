@@ -81,6 +81,9 @@ def protect(
             auth_paths=settings.rate_limit_auth_paths,
             exempt_paths=settings.rate_limit_exempt_paths,
             trusted_proxies=settings.trusted_proxies,
+            proxy_header=settings.proxy_header,
+            ipv4_prefix=settings.rate_limit_ipv4_prefix,
+            ipv6_prefix=settings.rate_limit_ipv6_prefix,
             key_prefix=settings.redis_key_prefix,
             audit=audit,
         )

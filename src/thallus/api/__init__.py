@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from limits.aio.storage import Storage
 
 from thallus import __version__
 from thallus._asgi import ASGIApp, Receive, Scope, Send
@@ -24,8 +23,9 @@ from thallus.audit.store import AuditStore
 from thallus.audit.writer import AuditWriter
 from thallus.auth import AuthenticationMiddleware
 from thallus.errors import error_body, install_error_handlers
+from thallus.identity.lockout import LoginLockout, lockout_store
 from thallus.identity.service import Identity
-from thallus.ratelimit import LoginLockout, create_storage
+from thallus.ratelimit import create_storage
 from thallus.settings import Settings
 from thallus.stack import protect
 from thallus.storage.database import Database, DatabaseUnavailableError
@@ -92,9 +92,10 @@ def create_api(settings: Settings, identity: Identity, writer: AuditWriter | Non
     return api
 
 
-def login_lockout(settings: Settings, storage: Storage) -> LoginLockout:
+def login_lockout(settings: Settings) -> LoginLockout:
+    """The login lockout on its own store: memory, or Redis when ``THALLUS_REDIS_URL`` is set."""
     return LoginLockout(
-        storage,
+        lockout_store(settings.redis_url),
         threshold=settings.lockout_threshold,
         steps=settings.lockout_steps,
         key_prefix=settings.redis_key_prefix,
@@ -104,8 +105,8 @@ def login_lockout(settings: Settings, storage: Storage) -> LoginLockout:
 def create_app(settings: Settings | None = None, *, audit: AuditSink | None = None) -> Service:
     """The reference service: :func:`create_api` inside the core layers and the authentication layer.
 
-    One database serves identity and the audit log; one ``limits`` storage (memory, or Redis when
-    configured) holds both the request limits and the login lockout state. ``audit`` receives every
+    One database serves identity and the audit log; the request limits and the login lockout state
+    live in memory, or both in Redis when configured. ``audit`` receives every
     audit event besides the persistent log (or instead of it, with ``THALLUS_AUDIT_ENABLED=false``).
     """
     settings = settings or Settings.load()
@@ -114,7 +115,7 @@ def create_app(settings: Settings | None = None, *, audit: AuditSink | None = No
     sinks = [sink for sink in (writer, audit) if sink is not None]
     sink: AuditSink = FanOutSink(*sinks) if sinks else LogAuditSink()
     storage = create_storage(settings.redis_url, settings.redis_key_prefix)
-    identity = Identity.from_settings(settings, sink, login_lockout(settings, storage), database)
+    identity = Identity.from_settings(settings, sink, login_lockout(settings), database)
     api = create_api(settings, identity, writer)
     app = protect(
         api,

@@ -53,6 +53,27 @@ def admin_principal(
     return principal
 
 
+def session_principal(
+    request: Request,
+    principal: Annotated[Principal, Depends(current_principal)],
+    service: Annotated[Identity, Depends(identity)],
+) -> Principal:
+    """A principal signed in with a session (Bearer). Key management and password change need one
+    (SYSTEM.md §9): a stolen key must not mint a key that outlives it, nor see or revoke the others."""
+    if principal.auth_method != "session":
+        service.audit.record(
+            AuditEvent(
+                action="permission_denied",
+                outcome="denied",
+                user_id=principal.user_id,
+                details={"needs": "session", "auth_method": principal.auth_method, "api_key_id": principal.api_key_id},
+                **request_fields(request.scope),
+            )
+        )
+        raise PermissionDeniedError("This needs a signed-in session (Authorization: Bearer), not an API key.")
+    return principal
+
+
 def require_json(request: Request) -> None:
     """Bodies are JSON only: a cross-site HTML form cannot send JSON without a CORS preflight."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -83,4 +104,5 @@ IdentityDep = Annotated[Identity, Depends(identity)]
 ClientDep = Annotated[ClientInfo, Depends(client_info)]
 PrincipalDep = Annotated[Principal, Depends(current_principal)]
 AdminDep = Annotated[Principal, Depends(admin_principal)]
+SessionDep = Annotated[Principal, Depends(session_principal)]
 JSON_ONLY = [Depends(require_json)]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from thallus.correlation import uuid7
+from thallus.storage.private import private_file
 
 logger = logging.getLogger("thallus.audit")
 
@@ -34,7 +35,7 @@ class Journal:
 
     def _open(self) -> IO[str]:
         if self._file is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)  # 0600 in a 0700 directory: the records name users and addresses
             file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open on purpose
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._file = file

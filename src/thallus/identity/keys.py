@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thallus.settings import MIN_SECRET_LENGTH, Settings
+from thallus.storage.private import private_directory
 
 SECRET_FILE = "secret_key"  # noqa: S105 - a file name
 
@@ -42,7 +43,7 @@ def server_secret(settings: Settings) -> bytes:
 
 def _create_atomically(path: Path, content: bytes) -> None:
     """Write a temporary file, then link it into place: readers see the whole secret or no file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_directory(path.parent)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

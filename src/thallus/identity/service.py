@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,15 +28,16 @@ from thallus.errors import (
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
-    ThallusError,
+    ServiceUnavailableError,
     ValidationError,
 )
 from thallus.identity import api_keys
+from thallus.identity.emails import InvalidEmailError, SignInName, canonical_email, parse_email
 from thallus.identity.keys import KeyRing
-from thallus.identity.passwords import POLICY, PasswordHasher, password_problems
+from thallus.identity.lockout import Attempt, LockoutUnavailableError, LoginLockout, Reservation
+from thallus.identity.passwords import POLICY, HashingUnavailableError, PasswordHasher, password_problems
 from thallus.identity.principal import Principal
 from thallus.identity.tokens import REFRESH_PURPOSE, AccessTokens, InvalidTokenError, new_refresh_token
-from thallus.ratelimit import LockoutUnavailableError, LoginLockout
 from thallus.settings import Settings
 from thallus.storage import Database
 from thallus.storage.models import ApiKey, RefreshToken, Session, User, utcnow
@@ -48,27 +48,33 @@ T = TypeVar("T")
 LOGIN_FAILED_MESSAGE = "The e-mail address or password is incorrect."
 ROLES = ("user", "admin")
 LAST_USED_FLUSH_SECONDS = 60.0
+#: The keyed-hash purpose for sign-in identifiers that are not addresses (audit details only).
+IDENTIFIER_PURPOSE = "sign-in-identifier"
+#: Retry-After when an address's remaining attempts are all being verified right now.
+BUSY_RETRY_AFTER = 1
+HASHING_RETRY_AFTER = 2
 
 
 def normalize_email(email: str, *, loc: Sequence[str | int] = ("body", "email")) -> str:
-    """The e-mail address in its stored form (syntax-checked, lower-cased), or a 422."""
+    """The e-mail address in its canonical form (:mod:`thallus.identity.emails`), or a 422."""
     try:
-        normalized = validate_email(email, check_deliverability=False).normalized
-    except EmailNotValidError as exc:
+        return parse_email(email)
+    except InvalidEmailError as exc:
         raise ValidationError(
             "The request is invalid.",
-            details=[{"type": "value_error", "loc": list(loc), "msg": str(exc), "input": email[:320]}],
+            details=[{"type": "value_error", "loc": list(loc), "msg": str(exc), "input": printable(email[:320])}],
         ) from None
-    return normalized.lower()
 
 
-def canonical_email(email: str) -> str:
-    """The stored form of an address for lookups: as :func:`normalize_email`, or — for text that is
-    not an address at all — simply trimmed and lower-cased (it matches no account either way)."""
-    try:
-        return normalize_email(email)
-    except ValidationError:
-        return email.strip().lower()[:320]
+def printable(text: str) -> str:
+    """``text`` safe to encode as UTF-8 (a lone surrogate becomes an escape, not a crash)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def require_session(principal: Principal, action: str) -> None:
+    """Password change and key management need a session, never an API key (SYSTEM.md §9)."""
+    if principal.auth_method != "session":
+        raise PermissionDeniedError(f"{action} needs a signed-in session, not an API key.")
 
 
 def check_password(password: str, *, loc: Sequence[str | int] = ("body", "password")) -> None:
@@ -163,6 +169,8 @@ class Identity:
             time_cost=settings.argon2_time_cost,
             memory_cost=settings.argon2_memory_cost,
             parallelism=settings.argon2_parallelism,
+            concurrency=settings.password_hash_concurrency,
+            max_wait=settings.password_hash_max_wait,
         )
         return cls(
             settings,
@@ -229,7 +237,7 @@ class Identity:
         if role not in ROLES:
             raise ValidationError(f"The role must be one of {', '.join(ROLES)}.")
         user = User(email=email, name=name.strip()[:200], role=role, api_access=api_access)
-        user.password_hash = await self.hasher.hash(password)
+        user.password_hash = await self._hashing(self.hasher.hash(password))
         async with self.database.session() as db:
             db.add(user)
             try:
@@ -250,57 +258,85 @@ class Identity:
         return user
 
     async def user_by_email(self, email: str) -> User | None:
+        """The user of an address in any spelling that has the same canonical form."""
+        canonical = canonical_email(email)
+        if canonical is None:
+            return None
         async with self.database.session() as db:
-            return await db.scalar(select(User).where(User.email == canonical_email(email)))
+            return await db.scalar(select(User).where(User.email == canonical))
 
     # -- sessions ---------------------------------------------------------------------------------
 
     async def login(self, email: str, password: str, client: ClientInfo) -> Login:
-        """Check the password and open a session. Unknown e-mail and wrong password fail alike,
-        and so do locked addresses, known or not (SYSTEM.md §10)."""
-        address = canonical_email(email)
-        await self._refuse_if_locked(address, client)
-        user = await self.user_by_email(address)
-        if user is None or not user.is_active:
-            await self.hasher.burn(password)
-            await self._failed_login(address, None, client)
-        elif not await self.hasher.verify(user.password_hash, password):
-            await self._failed_login(address, user.id, client)
-        if self.lockout is not None:
-            await self._lockout_call(self.lockout.record_success(address))
+        """Check the password and open a session (SYSTEM.md §9, §10).
+
+        The attempt is reserved with the lockout *before* any password is verified, so concurrent
+        attempts cannot verify more than the threshold between two locks. Unknown e-mail, text that
+        is no address and a wrong password fail alike, and so do locked addresses, known or not.
+        """
+        name = SignInName.of(email)
+        attempt = await self._reserve_attempt(name, client)
+        try:
+            user = await self.user_by_email(name.email) if name.email else None
+            if user is None or not user.is_active:
+                await self._hashing(self.hasher.burn(password))
+                verified = False
+            else:
+                verified = await self._hashing(self.hasher.verify(user.password_hash, password))
+            if not verified:
+                await self._failed_login(name, user.id if user else None, client, attempt)
+            assert user is not None
+            if attempt is not None:
+                await self._lockout_call(attempt.succeeded())
+        finally:
+            if attempt is not None:
+                await self._lockout_call(attempt.release())  # no-op once failed() or succeeded() ran
+        rehashed = (
+            await self._hashing(self.hasher.hash(password)) if self.hasher.needs_rehash(user.password_hash) else None
+        )
         async with self.database.session() as db:
-            if self.hasher.needs_rehash(user.password_hash):
-                user.password_hash = await self.hasher.hash(password)
-                await db.execute(update(User).where(User.id == user.id).values(password_hash=user.password_hash))
+            if rehashed is not None:  # made with other cost parameters: re-made now (no connection held meanwhile)
+                user.password_hash = rehashed
+                await db.execute(update(User).where(User.id == user.id).values(password_hash=rehashed))
             session, refresh = await self._new_session(db, user, client)
             await db.commit()
         self._audit("login", "success", user.id, client, resource=("session", session.id))
         return Login(user, session.id, self.tokens.issue(user.id, session.id), refresh)
 
-    async def _refuse_if_locked(self, address: str, client: ClientInfo) -> None:
-        if self.lockout is None:
-            return
-        seconds = await self._lockout_call(self.lockout.seconds_locked(address))
-        if seconds:
-            user = await self.user_by_email(address)
-            details = {"email": address, "reason": "locked", "retry_after": seconds}
-            self._audit("login_failed", "denied", user.id if user else None, client, details=details)
-            raise RateLimitError(
-                f"Too many failed sign-ins; try again in {seconds} seconds.",
-                details={"retry_after": seconds},
-                headers=[(b"retry-after", str(seconds).encode())],
-            )
+    def _identifier_details(self, name: SignInName) -> dict[str, Any]:
+        return name.audit_details(lambda subject: self.keys.hash(IDENTIFIER_PURPOSE, subject)[:32])
 
-    async def _failed_login(self, address: str, user_id: str | None, client: ClientInfo) -> NoReturn:
-        self._audit("login_failed", "failure", user_id, client, details={"email": address})
-        if self.lockout is not None:
-            outcome = await self._lockout_call(self.lockout.record_failure(address))
+    async def _reserve_attempt(self, name: SignInName, client: ClientInfo) -> Attempt | None:
+        """An attempt that may verify one password; 429 when the subject is locked or its remaining
+        attempts are all under way (the lookup for the audit record costs no password check)."""
+        if self.lockout is None:
+            return None
+        outcome: Attempt | Reservation = await self._lockout_call(self.lockout.reserve(name.lockout_subject))
+        if isinstance(outcome, Attempt):
+            return outcome
+        user = await self.user_by_email(name.email) if name.email else None
+        if outcome.verdict == "locked":
+            seconds = outcome.seconds
+            message = f"Too many failed sign-ins; try again in {seconds} seconds."
+        else:
+            seconds = BUSY_RETRY_AFTER
+            message = "Too many sign-in attempts for this account at once; try again shortly."
+        reason = "locked" if outcome.verdict == "locked" else "concurrent_attempts"
+        details = {**self._identifier_details(name), "reason": reason, "retry_after": seconds}
+        self._audit("login_failed", "denied", user.id if user else None, client, details=details)
+        raise RateLimitError(
+            message, details={"retry_after": seconds}, headers=[(b"retry-after", str(seconds).encode())]
+        )
+
+    async def _failed_login(
+        self, name: SignInName, user_id: str | None, client: ClientInfo, attempt: Attempt | None
+    ) -> NoReturn:
+        identifier = self._identifier_details(name)
+        self._audit("login_failed", "failure", user_id, client, details=identifier)
+        if attempt is not None:
+            outcome = await self._lockout_call(attempt.failed())
             if outcome.locked_for:
-                details = {
-                    "email": address,
-                    "failed_attempts": outcome.failed_attempts,
-                    "locked_for": outcome.locked_for,
-                }
+                details = {**identifier, "failed_attempts": outcome.failed_attempts, "locked_for": outcome.locked_for}
                 self._audit("account_locked", "denied", user_id, client, details=details)
                 logger.warning(
                     "sign-in locked for %s seconds after %s failures", outcome.locked_for, outcome.failed_attempts
@@ -312,12 +348,22 @@ class Identity:
         """Lockout state is required to sign in: without it, refuse (fail closed) with a 503."""
         try:
             return await operation
-        except LockoutUnavailableError:
-            logger.error("lockout storage unreachable; sign-in refused")
-            raise ThallusError(
-                "Sign-in is temporarily unavailable; try again shortly.",
-                status_code=503,
-                headers=[(b"retry-after", b"5")],
+        except LockoutUnavailableError as exc:
+            logger.error("lockout storage unreachable; sign-in refused: %s", exc)
+            raise ServiceUnavailableError(
+                "Sign-in is temporarily unavailable; try again shortly.", headers=[(b"retry-after", b"5")]
+            ) from None
+
+    @staticmethod
+    async def _hashing(operation: Awaitable[T]) -> T:
+        """Password hashing is capped per process; a request that found no slot in time gets a 503."""
+        try:
+            return await operation
+        except HashingUnavailableError as exc:
+            logger.warning("password hashing saturated; request refused: %s", exc)
+            raise ServiceUnavailableError(
+                "Too many sign-ins are being processed; try again shortly.",
+                headers=[(b"retry-after", str(HASHING_RETRY_AFTER).encode())],
             ) from None
 
     async def unlock(self, user_id: str, client: ClientInfo, *, actor: str | None = None) -> bool:
@@ -430,14 +476,13 @@ class Identity:
 
     async def change_password(self, principal: Principal, current: str, new: str, client: ClientInfo) -> None:
         """Replace the password, end every session of the user (their access tokens fail at once)."""
-        if principal.auth_method != "session":
-            raise PermissionDeniedError("Changing the password needs a signed-in session, not an API key.")
+        require_session(principal, "Changing the password")
         check_password(new, loc=("body", "new_password"))
         user = await self.get_user(principal.user_id)
-        if not await self.hasher.verify(user.password_hash, current):
+        if not await self._hashing(self.hasher.verify(user.password_hash, current)):
             self._audit("password_change", "failure", user.id, client, error="wrong current password")
             raise PermissionDeniedError("The current password is incorrect.")
-        new_hash = await self.hasher.hash(new)
+        new_hash = await self._hashing(self.hasher.hash(new))
         now = utcnow()
         async with self.database.session() as db:
             await db.execute(
@@ -484,6 +529,7 @@ class Identity:
 
         ``require_feature=False`` is for the operator's CLI, which may issue keys to any user.
         """
+        require_session(principal, "Creating API keys")
         user = await self.get_user(principal.user_id)
         if require_feature and not user.api_access:
             self._audit("permission_denied", "denied", user.id, client, details={"needs": "api_access"})
@@ -521,7 +567,9 @@ class Identity:
         )
         return key, raw
 
-    async def list_api_keys(self, user_id: str) -> list[dict[str, Any]]:
+    async def list_api_keys(self, principal: Principal) -> list[dict[str, Any]]:
+        require_session(principal, "Listing API keys")
+        user_id = principal.user_id
         async with self.database.session() as db:
             keys = (
                 await db.scalars(select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.created_at.desc()))
@@ -529,6 +577,7 @@ class Identity:
         return [key_document(key, self.last_used.get(key.id)) for key in keys]
 
     async def revoke_api_key(self, principal: Principal, key_id: str, client: ClientInfo) -> None:
+        require_session(principal, "Revoking API keys")
         async with self.database.session() as db:
             key = await db.get(ApiKey, key_id)
             if key is None or key.user_id != principal.user_id:

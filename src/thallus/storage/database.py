@@ -18,25 +18,31 @@ from alembic.config import Config
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from thallus.storage.private import private_file
 
 logger = logging.getLogger("thallus.storage")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x7468616C  # "thal"
 CONNECT_TIMEOUT_SECONDS = 5
+#: How long a request waits for a pooled connection before its 503 (SQLAlchemy waits 30 s).
+POOL_TIMEOUT_SECONDS = 10
 
 
 class DatabaseUnavailableError(Exception):
     """The database could not be reached or failed at the connection level."""
 
 
-#: Exceptions that mean "the database is not there", as opposed to a bug in a query.
-UNAVAILABLE = (OperationalError, InterfaceError, ConnectionError, OSError, TimeoutError)
+#: Exceptions that mean "the database is not there" or "not now" (every pooled connection busy
+#: past the pool's timeout), as opposed to a bug in a query: each is a 503, never a 500.
+UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeoutError, ConnectionError, OSError, TimeoutError)
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, DatabaseUnavailableError | OperationalError | InterfaceError):
+    if isinstance(exc, DatabaseUnavailableError | OperationalError | InterfaceError | PoolTimeoutError):
         return True
     if isinstance(exc, DBAPIError):
         return bool(exc.connection_invalidated)
@@ -50,10 +56,11 @@ class Database:
         parsed = make_url(url)
         self.url = parsed
         self.dialect = parsed.get_backend_name()
-        options: dict[str, Any] = {"pool_pre_ping": True}
+        options: dict[str, Any] = {"pool_pre_ping": True, "pool_timeout": POOL_TIMEOUT_SECONDS}
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                # 0600 before SQLite opens it; its -wal and -shm files take the database's mode
+                private_file(Path(parsed.database))
             options["connect_args"] = {"timeout": 30}
         else:
             options["connect_args"] = {"timeout": CONNECT_TIMEOUT_SECONDS}

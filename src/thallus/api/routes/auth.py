@@ -12,15 +12,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
-from thallus.api.deps import JSON_ONLY, ClientDep, IdentityDep, PrincipalDep, login_origin_check
+from thallus.api.deps import JSON_ONLY, ClientDep, IdentityDep, SessionDep, login_origin_check
 from thallus.errors import AuthenticationError, PermissionDeniedError
 from thallus.identity.service import Identity, Login, user_document
 from thallus.identity.tokens import ACCESS_TOKEN_TTL
 from thallus.settings import AUTH_PATH, Settings
 
 router = APIRouter(prefix=AUTH_PATH, tags=["auth"])
-
-REFRESH_COOKIE = "thallus_refresh"
 
 
 class RegisterRequest(BaseModel):
@@ -52,10 +50,10 @@ class TokenResponse(BaseModel):
 
 
 def refresh_cookie(settings: Settings, value: str, max_age: int) -> tuple[bytes, bytes]:
-    """``Set-Cookie`` for the refresh token with the environment's attributes (SYSTEM.md §6), e.g.
-    ``thallus_refresh=…; Path=/api/v1/auth; Max-Age=2592000; Secure; HttpOnly; SameSite=Strict``."""
+    """``Set-Cookie`` for the refresh token with the environment's name and attributes (SYSTEM.md §6),
+    e.g. ``__Secure-thallus_refresh=…; Path=/api/v1/auth; Max-Age=2592000; Secure; HttpOnly; SameSite=Strict``."""
     policy = settings.cookie_policy
-    attributes = [f"{REFRESH_COOKIE}={value}", f"Path={policy.path}", f"Max-Age={max_age}"]
+    attributes = [f"{policy.name}={value}", f"Path={policy.path}", f"Max-Age={max_age}"]
     if max_age == 0:
         attributes.append("Expires=Thu, 01 Jan 1970 00:00:00 GMT")
     if policy.secure:
@@ -114,7 +112,7 @@ async def login(body: LoginRequest, response: Response, service: IdentityDep, cl
 
 @router.post("/refresh", response_model=TokenResponse, summary="Rotate the refresh cookie; a new access token")
 async def refresh(request: Request, response: Response, service: IdentityDep, client: ClientDep) -> dict[str, Any]:
-    raw = request.cookies.get(REFRESH_COOKIE)
+    raw = request.cookies.get(service.settings.cookie_policy.name)
     if not raw:
         raise AuthenticationError("No refresh token: sign in first.")
     try:
@@ -131,7 +129,7 @@ async def logout(request: Request, service: IdentityDep, client: ClientDep) -> R
     request (a cross-site form, whose cookie SameSite held back) must not sign anyone out."""
     principal = getattr(request.state, "principal", None)
     session_id = principal.session_id if principal is not None else None
-    raw_refresh = request.cookies.get(REFRESH_COOKIE)
+    raw_refresh = request.cookies.get(service.settings.cookie_policy.name)
     await service.logout(raw_refresh=raw_refresh, session_id=session_id, client=client)
     response = Response(status_code=204)
     if raw_refresh is not None:
@@ -146,7 +144,7 @@ async def logout(request: Request, service: IdentityDep, client: ClientDep) -> R
     summary="Change the password; every session of the user ends at once",
 )
 async def change_password(
-    body: PasswordChangeRequest, principal: PrincipalDep, service: IdentityDep, client: ClientDep
+    body: PasswordChangeRequest, principal: SessionDep, service: IdentityDep, client: ClientDep
 ) -> Response:
     await service.change_password(principal, body.current_password, body.new_password, client)
     response = Response(status_code=204)
