@@ -50,8 +50,11 @@ def test_config_show_production() -> None:
         "Allow credentials: true",
         "Allowed methods: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
         "Allowed headers: Authorization, Content-Type, X-API-Key, X-Correlation-ID",
+        "Session cookie: __Secure-thallus_refresh",
         "Secure; HttpOnly; SameSite=Strict; Path=/api/v1/auth",
         "CSRF: strict",
+        "Clients counted per IPv4 /32, IPv6 /64",
+        "Password hashing: Argon2id, 65536 KiB, t=3, p=4; at most",
         "No Sec-Fetch-Site, Origin or Referer: 403",
     ]:
         assert expected in out, expected
@@ -64,7 +67,13 @@ def test_config_show_development_json() -> None:
     policy = json.loads(result.stdout)
     assert policy["environment"] == "development"
     assert "Strict-Transport-Security" not in policy["headers"]
-    assert policy["cookies"] == {"secure": False, "http_only": True, "same_site": "Lax", "path": "/api/v1/auth"}
+    assert policy["cookies"] == {
+        "name": "thallus_refresh",
+        "secure": False,
+        "http_only": True,
+        "same_site": "Lax",
+        "path": "/api/v1/auth",
+    }
     assert policy["csrf"]["mode"] == "lenient"
     assert policy["cors"]["allowed_origins"][0] == "http://localhost:3000"
 

@@ -19,6 +19,7 @@ from thallus import __version__
 from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS
 from thallus.errors import NotFoundError
 from thallus.headers import CACHE_CONTROL, HeaderPolicy
+from thallus.identity.passwords import default_concurrency
 from thallus.identity.service import Identity
 from thallus.settings import ConfigurationError, Settings
 
@@ -73,6 +74,7 @@ def effective_policy(settings: Settings) -> dict[str, Any]:
         "cookies": {
             "secure": cookie.secure,
             "http_only": cookie.http_only,
+            "name": cookie.name,
             "same_site": cookie.same_site,
             "path": cookie.path,
         },
@@ -92,8 +94,18 @@ def effective_policy(settings: Settings) -> dict[str, Any]:
             "exempt_paths": list(settings.rate_limit_exempt_paths),
             "backend": _safe_url(settings.redis_url) if settings.redis_url else "memory (this process only)",
             "trusted_proxies": list(settings.trusted_proxies),
+            "proxy_header": settings.proxy_header,
+            "client_networks": {"ipv4": settings.rate_limit_ipv4_prefix, "ipv6": settings.rate_limit_ipv6_prefix},
             "lockout_threshold": settings.lockout_threshold,
             "lockout_steps": list(settings.lockout_steps),
+        },
+        "password_hashing": {
+            "algorithm": "argon2id",
+            "memory_kib": settings.argon2_memory_cost,
+            "time_cost": settings.argon2_time_cost,
+            "parallelism": settings.argon2_parallelism,
+            "concurrency": settings.password_hash_concurrency or default_concurrency(),
+            "max_wait": settings.password_hash_max_wait,
         },
         "audit": {
             "persistent": settings.audit_enabled,
@@ -127,7 +139,7 @@ def _print_policy(policy: dict[str, Any]) -> None:
     attributes = ["Secure"] if cookie["secure"] else []
     attributes += ["HttpOnly"] if cookie["http_only"] else []
     attributes += [f"SameSite={cookie['same_site']}", f"Path={cookie['path']}"]
-    lines += ["", "Session cookie:", f"  {'; '.join(attributes)}"]
+    lines += ["", f"Session cookie: {cookie['name']}", f"  {'; '.join(attributes)}"]
     csrf = policy["csrf"]
     lines += [
         "",
@@ -144,10 +156,19 @@ def _print_policy(policy: dict[str, Any]) -> None:
         f"Rate limits: {'on' if limits['enabled'] else 'off'} (per client IP, backend: {limits['backend']})",
         f"  General: {limits['general']}; auth endpoints ({', '.join(limits['auth_paths'])}): {limits['auth']}",
         f"  Exempt: {', '.join(limits['exempt_paths']) or '(none)'}",
-        f"  Trusted proxies: {', '.join(limits['trusted_proxies']) or '(none: the peer address is the client)'}",
+        f"  Trusted proxies: {', '.join(limits['trusted_proxies']) or '(none: the peer address is the client)'}"
+        + (f" (their {limits['proxy_header']} header)" if limits["trusted_proxies"] else ""),
+        f"  Clients counted per IPv4 /{limits['client_networks']['ipv4']}, IPv6 /{limits['client_networks']['ipv6']}",
         f"  Login lockout: after {limits['lockout_threshold']} failures, for "
         + ", ".join(f"{step} s" for step in limits["lockout_steps"])
         + " (the last repeating)",
+    ]
+    hashing = policy["password_hashing"]
+    lines += [
+        "",
+        f"Password hashing: Argon2id, {hashing['memory_kib']} KiB, t={hashing['time_cost']}, "
+        f"p={hashing['parallelism']}; at most {hashing['concurrency']} at once, "
+        f"503 after waiting {hashing['max_wait']:g} s",
     ]
     audit = policy["audit"]
     lines += [
@@ -183,6 +204,13 @@ def _serve(args: argparse.Namespace) -> int:
     from thallus.storage import Database
 
     settings = _load_settings()  # fail fast, before uvicorn starts workers
+    if args.workers > 1 and not settings.redis_url:
+        print(
+            f"thallus: warning: without THALLUS_REDIS_URL each of the {args.workers} workers keeps its own rate "
+            f"limits and login lockout, so a client gets {args.workers}× the limits and an attacker "
+            f"{args.workers}× the password guesses between two locks; set THALLUS_REDIS_URL to share them",
+            file=sys.stderr,
+        )
     _run(Database(settings.effective_database_url).migrate())  # once, before any worker
     uvicorn.run(
         "thallus.service:serve_factory",
