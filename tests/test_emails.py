@@ -164,3 +164,36 @@ def test_text_that_is_no_address_names_no_account(text: str) -> None:
 def test_overlong_text_is_refused_before_normalising() -> None:
     assert canonical_email("a" * 64 + "@" + "b" * 300 + ".com") is None
     assert canonical_email("x" * (10 * MAX_LENGTH)) is None
+
+
+def test_the_migration_rewrites_stored_addresses_to_the_canonical_form(tmp_path: Path) -> None:
+    """Rows stored before NFKC folding are found again; a row whose canonical form another user
+    holds is left alone (an operator decides)."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    from thallus.storage.database import MIGRATIONS
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+
+    def upgrade(connection: object, revision: str) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+    rows = [("u1", "ｈａｎｋ@example.com"), ("u2", "grace@example.com"), ("u3", "ｇｒａｃｅ@example.com")]
+    with engine.begin() as connection:
+        upgrade(connection, "0003")
+        for user_id, email in rows:
+            connection.execute(
+                text(
+                    "INSERT INTO users (id, email, name, password_hash, role, api_access, is_active, created_at,"
+                    " password_changed_at) VALUES (:id, :email, '', 'x', 'user', 0, 1, '2026-01-01', '2026-01-01')"
+                ),
+                {"id": user_id, "email": email},
+            )
+        upgrade(connection, "head")
+        stored = dict(connection.execute(text("SELECT id, email FROM users")).all())
+    assert stored == {"u1": "hank@example.com", "u2": "grace@example.com", "u3": "ｇｒａｃｅ@example.com"}

@@ -299,7 +299,8 @@ class Sites:
 # -- the browser side ---------------------------------------------------------------------------
 
 Result = dict[str, Any]
-REFRESH_COOKIE = "thallus_refresh"
+#: The refresh cookie's names: development's, and the ``__Secure-`` one of test and production.
+REFRESH_COOKIES = ("thallus_refresh", "__Secure-thallus_refresh")
 
 
 def call(page: Page, function: str, *args: Any) -> Result:
@@ -316,7 +317,7 @@ def open_client(page: Page, site: str, backend: Backend) -> None:
 def refresh_cookie(context: BrowserContext) -> Cookie | None:
     """The refresh cookie in the browser's jar (whatever its path), as the browser stored it."""
     cookies = context.cookies()
-    return next((c for c in cookies if c["name"] == REFRESH_COOKIE and c["domain"] == "localhost"), None)
+    return next((c for c in cookies if c["name"] in REFRESH_COOKIES and c["domain"] == "localhost"), None)
 
 
 class CookieWitness:
@@ -358,7 +359,8 @@ class CookieWitness:
         while True:
             for request_id, request in reversed(list(self._requests.items())):
                 if request == (id(page), method, url) and request_id in self._cookies:
-                    reasons = self._cookies[request_id].get(REFRESH_COOKIE)
+                    reported = self._cookies[request_id]
+                    reasons = next((reported[name] for name in REFRESH_COOKIES if name in reported), None)
                     if reasons is None:
                         return "not in the jar"
                     return ", ".join(reasons) if reasons else "sent"

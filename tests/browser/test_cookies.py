@@ -140,6 +140,8 @@ def cookie_violations(run: CookieRun) -> list[str]:
     problems: list[str] = []
     if run.cookie is None:
         return ["no refresh cookie was stored"]
+    if run.cookie["name"] != "__Secure-thallus_refresh":
+        problems.append(f"refresh cookie named {run.cookie['name']}, without the __Secure- prefix")
     if not run.cookie["secure"]:
         problems.append("refresh cookie not Secure")
     if not run.cookie["httpOnly"]:
@@ -192,6 +194,7 @@ def test_development_cookies_are_not_production_grade(
     screenshot(sibling)
     assert (run.cross_site_form, run.cross_site_link) == ("SameSiteLax", "sent")
     assert cookie_violations(run) == [
+        "refresh cookie named thallus_refresh, without the __Secure- prefix",
         "refresh cookie not Secure",
         "refresh cookie SameSite=Lax",
         "a cross-site link carried the refresh cookie",  # Lax goes along on top-level GET navigations
@@ -204,6 +207,7 @@ def test_cookies_negative_control(
     run, (_spa, sibling) = run_cookies(new_context, sites, naive)
     screenshot(sibling)
     assert cookie_violations(run) == [
+        "refresh cookie named thallus_refresh, without the __Secure- prefix",
         "refresh cookie readable by scripts",
         "refresh cookie SameSite=None",
         "refresh cookie path is /",
