@@ -8,7 +8,10 @@ Parts, in order (``--parts`` chooses, ``--quick`` shortens every run, for a firs
   in the full reference service (in-process);
 * ``service``  — bench_service.py: the reference service under uvicorn on loopback, driven by
   ``wrk``: /health, an API-key GET, a POST with the audit log off and on, rate limiting with the
-  memory and the Redis storage, with ratios against a bare Starlette app served the same way.
+  memory and the Redis storage, with ratios against a bare Starlette app served the same way;
+* ``login``    — bench_login.py: sign-in under load on one ``thallus serve``: logins per second with
+  1, 4 and 16 clients, then a burst of 150 concurrent logins (statuses, peak RSS growth, and the
+  latency of an API-key client meanwhile), three rounds.
 
 The rate limiter's breakdown (bench_ratelimit.py) and the audit log at a million records
 (bench_audit.py) have their own commands; see benchmarks/README.md.
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts import t
 
 import bench_core
 import bench_identity
+import bench_login
 import bench_service
 from common import progress
 
@@ -34,6 +38,7 @@ PARTS: dict[str, tuple[Callable[[Sequence[str] | None], None], list[str], list[s
     "core": (bench_core.main, [], ["--seconds", "0.3", "--repeat", "3", "--warmup", "0.1"]),
     "identity": (bench_identity.main, [], ["--seconds", "0.3", "--rounds", "3", "--logins", "5"]),
     "service": (bench_service.main, [], ["--seconds", "3", "--warmup", "1"]),
+    "login": (bench_login.main, [], ["--rounds", "1", "--seconds", "3"]),
 }
 
 

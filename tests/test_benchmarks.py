@@ -1,5 +1,6 @@
-"""The benchmarks still run: ``./run bench``'s entry point loads, and bench_core's requests are
-answered as it expects (its pre-flight check fails the run on a wrong status or a missing header).
+"""The benchmarks still run: ``./run bench``'s entry point loads, bench_core's requests are
+answered as it expects (its pre-flight check fails the run on a wrong status or a missing header),
+and bench_login's smallest run completes against a real ``thallus serve``.
 
 Benchmarks report; they never gate on a duration, and neither does this test.
 """
@@ -24,6 +25,7 @@ def test_the_entry_point_loads_every_part() -> None:
     result = run("-m", "benchmarks", "--help")
     assert result.returncode == 0, result.stderr
     assert "--parts" in result.stdout
+    assert "bench_login.py" in result.stdout
 
 
 def test_bench_core_runs_and_checks_its_requests() -> None:
@@ -45,3 +47,30 @@ def test_bench_core_runs_and_checks_its_requests() -> None:
     }
     assert scenarios["preflight"]["thallus"]["status"] == 204
     assert {row["scenario"] for row in document["layers"]} == {"get", "get_cors", "post_csrf", "not_found"}
+
+
+def test_bench_login_help() -> None:
+    result = run("benchmarks/bench_login.py", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--burst" in result.stdout
+    assert "--concurrency" in result.stdout
+
+
+def test_bench_login_smallest_run(tmp_path: Path) -> None:
+    """One real ``thallus serve``: one sequential second of logins, an API-key baseline, a burst of 2.
+    Checks only that the set-up works (users, key, forwarded addresses, login CSRF) and that the
+    requests are answered as the benchmark expects; no figure is judged."""
+    output = tmp_path / "login.json"
+    result = run(
+        "benchmarks/bench_login.py",
+        *("--rounds", "1", "--seconds", "0.5", "--concurrency", "1", "--burst", "2", "--json", str(output)),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Burst of 2 concurrent" in result.stdout
+    document = json.loads(output.read_text())
+    [throughput] = document["throughput"]
+    assert throughput["valid"], throughput["problems"]
+    [burst] = document["bursts"]
+    assert set(burst["burst"]["statuses"]) <= {"401", "503"}
+    assert burst["burst"]["requests"] == 2
+    assert set(burst["api_key_baseline"]["statuses"]) == {"200"}

@@ -195,5 +195,5 @@ def test_the_migration_rewrites_stored_addresses_to_the_canonical_form(tmp_path:
                 {"id": user_id, "email": email},
             )
         upgrade(connection, "head")
-        stored = dict(connection.execute(text("SELECT id, email FROM users")).all())
+        stored: dict[str, str] = {row.id: row.email for row in connection.execute(text("SELECT id, email FROM users"))}
     assert stored == {"u1": "hank@example.com", "u2": "grace@example.com", "u3": "ｇｒａｃｅ@example.com"}
