@@ -56,7 +56,20 @@ APP_HEADERS = [
     (b"allow", b"GET, POST"),
     (b"retry-after", b"7"),
 ]
-MODES = ["answer", "raise before", "raise after start", "no answer", "thallus error", "override", "nonce"]
+MODES = [
+    "answer",
+    "raise before",
+    "raise after start",
+    "no answer",
+    "thallus error",
+    "override",
+    "nonce",
+    "answers body errors",  # turns an error raised by receive into a 400 of its own, as FastAPI does
+    "ignores the body",
+]
+#: A small body limit, so generated bodies are over it as often as not.
+MAX_BODY_BYTES = 16
+BODIES = st.lists(st.sampled_from([b"", b"{}", b'{"a":"12345678"}', b"x" * 17]), min_size=1, max_size=3)
 
 
 @dataclass(frozen=True)
@@ -74,7 +87,15 @@ def behaving_app(behaviour: Behaviour) -> Any:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        await receive()
+        try:
+            while behaviour.mode != "ignores the body" and (await receive()).get("more_body", False):
+                pass
+        except Exception:
+            if behaviour.mode != "answers body errors":
+                raise
+            await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"There was an error parsing the body"})
+            return
         if behaviour.mode == "raise before":
             raise RuntimeError("kaboom")
         if behaviour.mode == "thallus error":
@@ -149,6 +170,8 @@ def event_summary(event: AuditEvent) -> tuple[Any, ...]:
     path=st.sampled_from(["/items", "/api/v1/auth/refresh", "/elsewhere"]),
     request_headers=st.lists(REQUEST_HEADERS, max_size=6),
     capitalised=st.booleans(),
+    body=BODIES,
+    declared=st.booleans(),
     behaviour=st.builds(
         Behaviour,
         mode=st.sampled_from(MODES),
@@ -166,11 +189,15 @@ def test_fast_path_equals_the_composed_layers(
     path: str,
     request_headers: list[tuple[str, str]],
     capitalised: bool,
+    body: list[bytes],
+    declared: bool,
     behaviour: Behaviour,
 ) -> None:
     raw_headers = [
         ((name.title() if capitalised else name).encode(), value.encode("latin-1")) for name, value in request_headers
     ]
+    if declared:  # else the body streams undeclared (chunked), counted as it comes
+        raw_headers.append((b"content-length", str(sum(map(len, body))).encode()))
     results = []
     for fast in (True, False):
         sink = ListSink()
@@ -183,11 +210,12 @@ def test_fast_path_equals_the_composed_layers(
                 public_origin=PUBLIC,
                 rate_limit_enabled=rate_limited,
                 rate_limit="100000/minute",
+                max_body_bytes=MAX_BODY_BYTES,
             ),
             audit=sink if audited else None,
         )
         app = protected if fast else protected.composed
-        response = asyncio.run(acall(app, scope_for(method, path, raw_headers)))
+        response = asyncio.run(acall(app, scope_for(method, path, raw_headers), chunks=body))
         results.append((comparable(response), [event_summary(event) for event in sink.events]))
     assert results[0] == results[1]
 

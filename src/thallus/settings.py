@@ -138,6 +138,10 @@ class Settings(BaseSettings):
     )
 
     no_store_paths: CommaList = Field((AUTH_PATH,), description="path prefixes answered with Cache-Control: no-store")
+    max_body_bytes: int = Field(1024 * 1024, ge=0, description="largest request body; more is a 413")
+    route_max_body_bytes: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict, description="per-route body limits: '/path=bytes,/prefix*=bytes'"
+    )
     log_level: str = "INFO"
 
     data_dir: Path = Field(default_factory=_default_data_dir, description="where the SQLite file lives")
@@ -250,6 +254,20 @@ class Settings(BaseSettings):
             for path in value:
                 if not str(path).startswith("/"):
                     raise ValueError(f"{path!r} must start with '/'")
+        return value
+
+    @field_validator("route_max_body_bytes", mode="before")
+    @classmethod
+    def _parse_route_limits(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            limits: dict[str, int] = {}
+            for item in _split_commas(value):
+                path, _, size = item.partition("=")
+                path, size = path.strip(), size.strip()
+                if not path.startswith("/") or not size.isdigit():
+                    raise ValueError(f"{item!r} is not '/path=bytes' (or '/prefix*=bytes')")
+                limits[path] = int(size)
+            return limits
         return value
 
     @field_validator("previous_secret_keys", mode="before")

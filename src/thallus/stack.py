@@ -2,7 +2,8 @@
 
 Outermost first::
 
-    correlation → headers → CORS → request audit → error boundary → rate limit → [inner] → CSRF → app
+    correlation → headers → CORS → request audit → error boundary → rate limit → body limit
+        → [inner] → CSRF → app
 
 Correlation and headers wrap everything, so every response — a CORS refusal, a 429, a CSRF 403, a
 crash — carries the correlation ID and the security headers. The error boundary sits *inside* CORS
@@ -13,7 +14,9 @@ limiter sits inside CORS too, so an allowed SPA can read a 429 and its ``Retry-A
 ``audit`` sink, the request-audit layer (§11's ``request`` record) sits outside the error boundary
 so that it sees the final status of every state-changing request, crashes included.
 
-``inner`` slots further pure-ASGI layers (authentication) between the rate limiter and CSRF,
+The body limit sits inside the rate limiter, so a flood of oversized requests is limited like any
+other; it refuses a declared ``Content-Length`` over the limit before anything reads the body.
+``inner`` slots further pure-ASGI layers (authentication) between the body limit and CSRF,
 outermost first, so an authentication layer can mark a verified API key before CSRF decides.
 """
 
@@ -28,6 +31,7 @@ from limits.aio.storage import Storage
 from thallus._asgi import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from thallus.audit import AuditSink
 from thallus.audit.middleware import AuditRequestMiddleware
+from thallus.bodies import CONTENT_LENGTH, BodyLimitMiddleware, LimitedBody, over_limit, too_large
 from thallus.correlation import (
     HEADER_KEY as CORRELATION_HEADER,
 )
@@ -40,7 +44,13 @@ from thallus.correlation import (
 )
 from thallus.cors import CORSMiddleware, decorate
 from thallus.csrf import EVIDENCE_HEADERS, SAFE_METHODS, CSRFMiddleware
-from thallus.errors import ErrorBoundaryMiddleware, ResponseGuard, install_error_handlers, log_exception_after_start
+from thallus.errors import (
+    ErrorBoundaryMiddleware,
+    ResponseGuard,
+    install_error_handlers,
+    log_exception_after_start,
+    send_thallus_error,
+)
 from thallus.headers import HeaderPolicy, SecurityHeadersMiddleware
 from thallus.ratelimit import RateLimitMiddleware, create_storage
 from thallus.settings import Settings
@@ -72,6 +82,7 @@ def protect(
     wrapped: ASGIApp = csrf
     for layer in reversed(inner):
         wrapped = layer(wrapped)
+    wrapped = BodyLimitMiddleware(wrapped, settings.max_body_bytes, route_limits=settings.route_max_body_bytes)
     if settings.rate_limit_enabled:
         wrapped = RateLimitMiddleware(
             wrapped,
@@ -111,7 +122,7 @@ def _is_starlette(app: ASGIApp) -> bool:
 
 
 #: The request headers the fast path reads, in its one pass over them.
-_READ_HEADERS = EVIDENCE_HEADERS | {CORRELATION_HEADER, b"access-control-request-method"}
+_READ_HEADERS = EVIDENCE_HEADERS | {CORRELATION_HEADER, b"access-control-request-method", CONTENT_LENGTH}
 _NO_VALUES: tuple[bytes, ...] = ()
 _CORRELATION_NAME = frozenset({CORRELATION_HEADER})
 
@@ -149,9 +160,13 @@ class ProtectedApp:
         self.boundary = boundary
         self.request_audit = request_audit
         self.access_log = composed.access_log
-        # CSRF is checked here only when the boundary wraps it directly (nothing must run before it).
-        self.csrf = csrf if boundary.app is csrf else None
-        self.app = csrf.app if self.csrf is not None else boundary.app
+        # The body limit and CSRF are applied here only when nothing runs between them and the
+        # boundary (no rate limiter, no ``inner`` layers); otherwise they run as the layers they are.
+        under_boundary = boundary.app
+        self.body_limit = under_boundary if isinstance(under_boundary, BodyLimitMiddleware) else None
+        after_limit = self.body_limit.app if self.body_limit is not None else under_boundary
+        self.csrf = csrf if after_limit is csrf else None
+        self.app = csrf.app if self.csrf is not None else after_limit
         self._plain_drop = policy.managed | _CORRELATION_NAME
         self._no_store_drop = policy.no_store_managed | _CORRELATION_NAME
         allowed: list[bytes | None] = [None, *cors.allowed_origin_values()]
@@ -213,8 +228,20 @@ class ProtectedApp:
 
         token = correlation_id_var.set(correlation_id)
         try:
+            refused = False
+            if self.body_limit is not None:
+                limit = self.body_limit.limits.limit_for(scope["path"])
+                declared = found.get(CONTENT_LENGTH)
+                if declared is not None and over_limit(declared, limit):
+                    await send_thallus_error(app_send, too_large(limit))
+                    refused = True
+                else:  # a refusal raised from receive is answered by the boundary, as a ThallusError
+                    body = LimitedBody(receive, app_send, limit)
+                    receive, app_send = body.receive, body.send
             csrf = self.csrf
-            if csrf is not None and method not in SAFE_METHODS:
+            if refused:
+                pass
+            elif csrf is not None and method not in SAFE_METHODS:
                 verdict = csrf.verdict_from(method, found, scope.get("state"))
                 if not verdict.allowed:
                     await csrf.refuse(scope, receive, app_send, method, verdict)
