@@ -16,7 +16,10 @@ the request gives up, so a client that disconnects cannot push the count past th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sys
+import threading
 import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +63,21 @@ def default_concurrency() -> int:
     return 2 * (os.cpu_count() or 1)
 
 
+#: How much lower than the request loop the hashing threads run (``nice`` steps; 19 is the lowest).
+HASHING_NICENESS = 10
+
+
+def _yield_to_requests() -> None:
+    """Run this hashing thread (and the lane threads Argon2 starts from it, which inherit it) at a
+    lower CPU priority than the event loop, so a burst of sign-ins takes the CPU the requests that
+    hash nothing leave over, instead of starving them. Linux keeps the nice value per thread
+    (setpriority(2)); elsewhere this is a no-op."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, current + HASHING_NICENESS))
+
+
 class HashingUnavailableError(Exception):
     """No hashing slot freed up within the wait: the service is saturated (answer 503)."""
 
@@ -73,7 +91,9 @@ class HashingSlots:
         self.concurrency = concurrency
         self.max_wait = max_wait
         self.waiting = 0  # requests queued for a slot right now
-        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="argon2")
+        self._executor = ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix="argon2", initializer=_yield_to_requests
+        )
         # a semaphore belongs to one event loop; the CLI runs one loop per command, tests several
         self._semaphores: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
