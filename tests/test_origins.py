@@ -19,6 +19,14 @@ VALID = [
     ("http://[0:0:0:0:0:0:0:1]", "http://[::1]"),
     ("https://bücher.example", "https://xn--bcher-kva.example"),
     ("https://my_host.internal", "https://my_host.internal"),
+    # IDNA 2008 / UTS #46, as browsers serialise: ß and ς are kept (IDNA 2003 mapped them to ss and σ)
+    ("https://faß.de", "https://xn--fa-hia.de"),
+    ("https://XN--FA-HIA.de", "https://xn--fa-hia.de"),
+    ("https://ς.example", "https://xn--3xa.example"),
+    ("https://σ.example", "https://xn--4xa.example"),
+    ("https://ＡＰＰ.example.com", "https://app.example.com"),  # full-width: UTS #46 maps it
+    ("https://аpple.example", "https://xn--pple-43d.example"),  # Cyrillic а: its own name, never apple
+    ("https://ab\u094d\u200cc.example", "https://xn--abc-tmh9220a.example"),  # ZWNJ after a virama: allowed
 ]
 
 INVALID = [
@@ -53,7 +61,29 @@ INVALID = [
     ("https://[zz::1]", "invalid IPv6"),
     ("https://[::1]x", "after the IPv6"),
     ("https://" + "a" * 300 + ".com", "invalid host"),
+    ("https://a\u200db.example", "not valid IDNA 2008"),  # ZWJ outside its context (RFC 5892 CONTEXTJ)
+    ("https://a\u200cb.example", "not valid IDNA 2008"),
+    ("https://xn--zz.example", "not valid IDNA 2008"),  # not a valid A-label
 ]
+
+
+@pytest.mark.parametrize(
+    ("configured", "sent", "allowed"),
+    [
+        ("https://faß.de", "https://xn--fa-hia.de", True),
+        ("https://faß.de", "https://fass.de", False),
+        ("https://fass.de", "https://xn--fa-hia.de", False),
+        ("https://ς.example", "https://xn--4xa.example", False),  # σ is another name
+        ("https://аpple.example", "https://apple.example", False),
+        ("https://bücher.example", "https://XN--BCHER-KVA.example", True),
+        ("https://bücher.example", "https://bücher.example", False),  # browsers never send Unicode
+    ],
+)
+def test_internationalised_origins_compare_in_their_ascii_form(configured: str, sent: str, allowed: bool) -> None:
+    from thallus.cors import CORSMiddleware
+
+    cors = CORSMiddleware(lambda scope, receive, send: None, [configured])  # type: ignore[arg-type, return-value]
+    assert (cors.allowed_origin(sent.encode("utf-8")) is not None) is allowed
 
 
 @pytest.mark.parametrize(("value", "canonical"), VALID)

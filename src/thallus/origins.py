@@ -15,6 +15,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
+import idna
+
 ALLOWED_SCHEMES = ("http", "https")
 
 _SCHEME_SPLIT = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
@@ -29,8 +31,8 @@ class InvalidOriginError(ValueError):
 def parse_origin(value: str) -> str:
     """Return the canonical form of a configured origin or raise :class:`InvalidOriginError`.
 
-    Canonical: lower-case scheme and host, internationalised host names in IDNA (punycode)
-    form as browsers serialise them; an explicit port is kept as written, because a
+    Canonical: lower-case scheme and host, internationalised host names in their IDNA 2008
+    A-label (punycode) form as browsers serialise them; an explicit port is kept as written, because a
     browser never sends a default port and comparison is exact (SYSTEM.md §4).
     """
     text = value.strip()
@@ -88,13 +90,21 @@ def _split_host_port(text: str, authority: str) -> tuple[str, str | None]:
 
 
 def _canonical_host(text: str, host: str) -> str:
+    """The host as a browser serialises it: ASCII, lower case, internationalised labels as
+    A-labels under IDNA 2008 with the UTS #46 mapping (the ``idna`` package).
+
+    Not Python's ``"idna"`` codec: that is IDNA 2003, which maps ``ß`` to ``ss`` and ``ς`` to ``σ``,
+    so ``https://faß.de`` would trust ``https://fass.de`` — another registrable name — and refuse
+    ``https://xn--fa-hia.de``, the origin browsers send. Joiners outside their permitted contexts
+    (RFC 5892 CONTEXTJ) and invalid A-labels are refused.
+    """
     if not host:
         raise InvalidOriginError(f"{text!r} has no host")
-    if not host.isascii():
+    if not host.isascii() or any(label.lower().startswith("xn--") for label in host.split(".")):
         try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise InvalidOriginError(f"{text!r} has a host name that is not valid IDNA") from None
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise InvalidOriginError(f"{text!r} has a host name that is not valid IDNA 2008: {exc}") from None
     host = host.lower()
     if len(host) > 253 or host.endswith("."):
         raise InvalidOriginError(f"{text!r} has an invalid host name")
