@@ -638,3 +638,11 @@ def test_docs_can_be_disabled(database_url: str) -> None:
     with running_api(settings_for(database_url, docs_enabled=False)) as api:
         assert_error(api.client.get("/docs"), 404, "NotFoundError")
         assert_error(api.client.get("/openapi.json"), 404, "NotFoundError")
+
+
+@pytest.mark.parametrize("path", ["/api/v1/auth/login/", "/api/v1/users/me/", "/health/"])
+def test_no_redirect_is_built_from_the_request(api: Api, path: str) -> None:
+    """A trailing slash is a 404, never a redirect to the client's Host (issue: Host-header redirects)."""
+    response = api.client.post(path, json={}, headers={"Host": "evil.example", **SAME_ORIGIN}, follow_redirects=False)
+    assert "location" not in response.headers
+    assert_error(response, 404, "NotFoundError")

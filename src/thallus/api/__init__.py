@@ -73,6 +73,10 @@ def create_api(settings: Settings, identity: Identity, writer: AuditWriter | Non
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # A path that does not exist is a 404. Starlette's automatic slash redirect builds its
+        # Location from the request's Host header (and scheme), so `POST /login/` with
+        # `Host: evil.example` would send a client, credentials and all, to another host.
+        redirect_slashes=False,
     )
     api.state.identity = identity
     api.state.audit_store = writer.store if writer is not None else None
