@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from starlette.testclient import TestClient
 
 from tests.asgi import Response, acall, http_scope
 from thallus import Settings, protect
-from thallus._asgi import Receive, Scope, Send
+from thallus._asgi import Message, Receive, Scope, Send
 from thallus.bodies import BodyLimit, BodyLimitMiddleware
 from thallus.errors import PayloadTooLargeError
 
@@ -170,3 +171,25 @@ def test_the_setting_reads_route_limits() -> None:
     assert settings.route_max_body_bytes == {"/upload": 1000, "/files/*": 500}
     with pytest.raises(ValueError, match="/path=bytes"):
         Settings(env="development", route_max_body_bytes="/upload:1000")
+
+
+def test_a_body_that_stops_arriving_is_a_408() -> None:
+    async def stalled() -> Message:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(dict(message))
+
+    layer = BodyLimitMiddleware(ReadingApp(), 100, body_timeout=0.2)
+    asyncio.run(layer(http_scope("POST", "/upload", []), stalled, send))
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["error"] == "RequestTimeoutError"
+
+
+def test_body_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="body_timeout"):
+        BodyLimitMiddleware(ReadingApp(), 10, body_timeout=0)

@@ -15,16 +15,23 @@ applied where the chunks pass, for every route, not in each handler:
 
 The limit (``max_body_bytes``, ``THALLUS_MAX_BODY_BYTES``, 1 MiB by default) can be set per route:
 ``route_limits`` maps a path, or a prefix ending in ``*``, to its own limit (longest match wins).
+
+A body that stops arriving is bounded too: when the application waits more than ``body_timeout``
+seconds (``THALLUS_BODY_TIMEOUT``, 30) for the next chunk, the request ends with a §8
+``408 RequestTimeoutError``, answered the same way, and the server closes the connection, whose
+request never completed (a client that declared more than it sends, or an endless trickle).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 from thallus._asgi import ASGIApp, Message, Receive, Scope, Send
-from thallus.errors import PayloadTooLargeError, send_thallus_error
+from thallus.errors import PayloadTooLargeError, ThallusError, send_thallus_error
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_BODY_TIMEOUT = 30.0
 CONTENT_LENGTH = b"content-length"
 
 
@@ -62,29 +69,44 @@ def too_large(limit: int) -> PayloadTooLargeError:
     return PayloadTooLargeError(f"The request body is larger than {limit} bytes.", details={"max_body_bytes": limit})
 
 
+class RequestTimeoutError(ThallusError):
+    status_code = 408
+
+
+def timed_out(seconds: float) -> RequestTimeoutError:
+    return RequestTimeoutError(f"The request body stopped arriving for {seconds:g} seconds.")
+
+
 class LimitedBody:
-    """One request's ``receive`` and ``send`` with the body counted against ``limit``."""
+    """One request's ``receive`` and ``send``: the body counted against ``limit``, each wait for a
+    chunk bounded by ``timeout``; after a refusal, the application's own answer is replaced by it."""
 
-    __slots__ = ("_receive", "_send", "exceeded", "limit", "received", "replacing", "started")
+    __slots__ = ("_receive", "_send", "limit", "received", "refusal", "replacing", "started", "timeout")
 
-    def __init__(self, receive: Receive, send: Send, limit: int) -> None:
+    def __init__(self, receive: Receive, send: Send, limit: int, timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
         self._receive = receive
         self._send = send
         self.limit = limit
+        self.timeout = timeout
         self.received = 0
-        self.exceeded = False
+        self.refusal: ThallusError | None = None
         self.started = False
         self.replacing = False
 
     async def receive(self) -> Message:
-        if self.exceeded:
-            raise too_large(self.limit)
-        message = await self._receive()
+        if self.refusal is not None:
+            raise self.refusal
+        try:
+            async with asyncio.timeout(self.timeout):
+                message = await self._receive()
+        except TimeoutError:
+            self.refusal = timed_out(self.timeout)
+            raise self.refusal from None
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
             if self.received > self.limit:
-                self.exceeded = True
-                raise too_large(self.limit)
+                self.refusal = too_large(self.limit)
+                raise self.refusal
         return message
 
     async def send(self, message: Message) -> None:
@@ -92,24 +114,24 @@ class LimitedBody:
             return  # the rest of the application's answer to the refusal
         if not self.started and message["type"] == "http.response.start":
             self.started = True
-            if self.exceeded:  # the application answered the refusal itself: the 413 instead
+            if self.refusal is not None:  # the application answered the refusal itself: ours instead
                 self.replacing = True
-                await send_thallus_error(self._send, too_large(self.limit))
+                await send_thallus_error(self._send, self.refusal)
                 return
         await self._send(message)
 
-    async def answer(self, exc: PayloadTooLargeError) -> bool:
+    async def answer(self, exc: ThallusError) -> bool:
         """Answer the refusal that escaped the application; ``False`` when it is not ours to answer
-        (the application raised it itself, or had started its response)."""
-        if not self.exceeded or self.started:
+        (the application raised another error, or had started its response)."""
+        if exc is not self.refusal or self.started:
             return False
         self.started = True
-        await send_thallus_error(self._send, too_large(self.limit))
+        await send_thallus_error(self._send, exc)
         return True
 
 
 class BodyLimitMiddleware:
-    """Pure-ASGI request-body limit; see the module docstring for the rules."""
+    """Pure-ASGI request-body limit and body timeout; see the module docstring for the rules."""
 
     def __init__(
         self,
@@ -117,9 +139,13 @@ class BodyLimitMiddleware:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         *,
         route_limits: Mapping[str, int] | None = None,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ) -> None:
+        if body_timeout <= 0:
+            raise ValueError("body_timeout must be positive")
         self.app = app
         self.limits = BodyLimit(max_body_bytes, route_limits or {})
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -130,10 +156,10 @@ class BodyLimitMiddleware:
         if declared is not None and over_limit(declared, limit):
             await send_thallus_error(send, too_large(limit))
             return
-        body = LimitedBody(receive, send, limit)
+        body = LimitedBody(receive, send, limit, self.body_timeout)
         try:
             await self.app(scope, body.receive, body.send)
-        except PayloadTooLargeError as exc:
+        except ThallusError as exc:
             if not await body.answer(exc):
                 raise
 

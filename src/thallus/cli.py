@@ -201,6 +201,7 @@ def _config_show(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from thallus.connections import PROTOCOL
     from thallus.storage import Database
 
     settings = _load_settings()  # fail fast, before uvicorn starts workers
@@ -223,6 +224,8 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         server_header=False,
         proxy_headers=False,
+        http=PROTOCOL,  # uvicorn's h11 protocol with a header deadline and a connection cap
+        timeout_keep_alive=settings.keep_alive_timeout,
     )
     return 0
 

@@ -139,6 +139,14 @@ class Settings(BaseSettings):
 
     no_store_paths: CommaList = Field((AUTH_PATH,), description="path prefixes answered with Cache-Control: no-store")
     max_body_bytes: int = Field(1024 * 1024, ge=0, description="largest request body; more is a 413")
+    body_timeout: float = Field(30.0, gt=0, le=3600, description="seconds a body may pause before a 408")
+    header_timeout: float = Field(
+        10.0, gt=0, le=600, description="thallus serve: seconds for a request's headers to arrive"
+    )
+    keep_alive_timeout: int = Field(5, ge=1, le=600, description="thallus serve: seconds an idle connection stays")
+    max_connections: int = Field(
+        1000, ge=1, le=1_000_000, description="thallus serve: open connections per worker; more get a 503"
+    )
     route_max_body_bytes: Annotated[dict[str, int], NoDecode] = Field(
         default_factory=dict, description="per-route body limits: '/path=bytes,/prefix*=bytes'"
     )

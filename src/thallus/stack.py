@@ -82,7 +82,12 @@ def protect(
     wrapped: ASGIApp = csrf
     for layer in reversed(inner):
         wrapped = layer(wrapped)
-    wrapped = BodyLimitMiddleware(wrapped, settings.max_body_bytes, route_limits=settings.route_max_body_bytes)
+    wrapped = BodyLimitMiddleware(
+        wrapped,
+        settings.max_body_bytes,
+        route_limits=settings.route_max_body_bytes,
+        body_timeout=settings.body_timeout,
+    )
     if settings.rate_limit_enabled:
         wrapped = RateLimitMiddleware(
             wrapped,
@@ -236,7 +241,7 @@ class ProtectedApp:
                     await send_thallus_error(app_send, too_large(limit))
                     refused = True
                 else:  # a refusal raised from receive is answered by the boundary, as a ThallusError
-                    body = LimitedBody(receive, app_send, limit)
+                    body = LimitedBody(receive, app_send, limit, self.body_limit.body_timeout)
                     receive, app_send = body.receive, body.send
             csrf = self.csrf
             if refused:
