@@ -60,6 +60,8 @@ def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
             chunk = sock.recv(65536)
         except TimeoutError:
             pytest.fail(f"the server kept the connection open for {GIVE_UP} s; it wrote {received[:200]!r}")
+        except ConnectionResetError:  # closed while bytes we sent were unread: the kernel resets
+            return received, time.monotonic() - started
         if not chunk:
             return received, time.monotonic() - started
         received += chunk
@@ -115,8 +117,9 @@ def test_headers_trickled_a_byte_at_a_time_are_cut_off(server: Server) -> None:
                 pytest.fail("the trickled head was never cut off")
         sock.settimeout(GIVE_UP)
         response, _ = read_until_closed(sock)
-    assert_error(response, 408, "RequestTimeoutError")
-    assert time.monotonic() - started < HEADER_TIMEOUT + 2
+    assert time.monotonic() - started < HEADER_TIMEOUT + 2, "cut off by the deadline, not by a read timeout"
+    if response:  # else the close raced a byte still in flight and the kernel reset the connection
+        assert_error(response, 408, "RequestTimeoutError")
 
 
 def test_the_next_request_on_a_kept_alive_connection_gets_a_deadline_too(server: Server) -> None:

@@ -16,8 +16,10 @@ security headers. :class:`GuardedH11Protocol` is uvicorn's h11 protocol with two
 Both answers are written straight to the socket, with the security headers and a fresh
 correlation ID, because no request exists yet to run through the layers. A body that stops
 arriving is bounded in the layers instead (``THALLUS_BODY_TIMEOUT``, :mod:`thallus.bodies`), so
-it holds for any server. It subclasses only asyncio's documented protocol methods and reads
-h11's public connection state; uvicorn takes it by name (``http=`` option).
+it holds for any server. It overrides only asyncio's protocol methods and reads one attribute of
+uvicorn's protocol, its ``h11.Connection`` (``conn``), through h11's public state; uvicorn takes
+the class by name (its ``http=`` option). tests/test_slow_clients.py runs every bound against a
+real ``thallus serve``, so a uvicorn release that changes this fails there first.
 """
 
 from __future__ import annotations
@@ -81,11 +83,16 @@ class GuardedH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol with a header deadline and a connection cap (module docstring)."""
 
     _header_deadline: asyncio.TimerHandle | None = None
+    _socket: asyncio.BaseTransport | None = None
+    #: This worker's open connections (one event loop per worker, so a plain counter).
+    open_connections = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        self._socket = transport
+        GuardedH11Protocol.open_connections += 1
         limits = bounds()
-        if len(self.connections) > limits.max_connections:
+        if GuardedH11Protocol.open_connections > limits.max_connections:
             logger.warning("connection refused: %s connections open (the cap)", limits.max_connections)
             self._answer_and_close(
                 limits.response(
@@ -101,17 +108,21 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self.conn.their_state is h11.IDLE:  # a request head is (still) on its way
-            if self._header_deadline is None and not self.transport.is_closing():
+            if self._header_deadline is None and self._socket is not None and not self._socket.is_closing():
                 self._arm_header_deadline()
         else:
             self._disarm_header_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._socket is not None:
+            self._socket = None
+            GuardedH11Protocol.open_connections -= 1
         self._disarm_header_deadline()
         super().connection_lost(exc)
 
     def _arm_header_deadline(self) -> None:
-        self._header_deadline = self.loop.call_later(bounds().header_timeout, self._header_deadline_passed)
+        loop = asyncio.get_running_loop()
+        self._header_deadline = loop.call_later(bounds().header_timeout, self._header_deadline_passed)
 
     def _disarm_header_deadline(self) -> None:
         if self._header_deadline is not None:
@@ -120,7 +131,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _header_deadline_passed(self) -> None:
         self._header_deadline = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self._socket is None or self._socket.is_closing() or self.conn.their_state is not h11.IDLE:
             return
         limits = bounds()
         self._answer_and_close(
@@ -133,5 +144,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _answer_and_close(self, response: bytes) -> None:
         self._disarm_header_deadline()
-        self.transport.write(response)
-        self.transport.close()
+        if isinstance(self._socket, asyncio.WriteTransport):
+            self._socket.write(response)
+        if self._socket is not None:
+            self._socket.close()
