@@ -74,8 +74,8 @@ def test_prepare_redacts_and_bounds() -> None:
     assert record["details"]["password"] == "[redacted]"
     assert record["details"]["nested"] == {"api_key": "[redacted]", "ok": 1}
     assert isinstance(record["details"]["when"], str)
-    assert len(record["user_agent"]) == 512
-    assert len(record["path"]) == 2048
+    assert len(record["user_agent"]) == 512 and record["user_agent"].endswith("…[truncated 1511 chars]")
+    assert len(record["path"]) == 2048 and record["path"].endswith("…[truncated 2976 chars]")
     assert len(record["id"]) == 36
 
 

@@ -31,6 +31,7 @@ import anyio.to_thread
 
 from thallus.audit import AuditEvent
 from thallus.audit.append import Appender, Linkable
+from thallus.audit.bounds import bound_record
 from thallus.audit.chain import Prepared, canonical_halves, normalise, timestamp
 from thallus.audit.journal import PATTERN, Journal, orphans, read_records
 from thallus.audit.store import AuditStore
@@ -40,24 +41,14 @@ from thallus.storage.database import is_unavailable
 
 logger = logging.getLogger("thallus.audit")
 
-_LIMITS = {
-    "action": 64,
-    "resource_type": 64,
-    "resource_id": 128,
-    "correlation_id": 128,
-    "ip_address": 64,
-    "user_agent": 512,
-    "method": 16,
-    "path": 2048,
-    "error_message": 4000,
-}
 ERROR_LOG_INTERVAL = 60.0
 _WAKE_UP = Prepared({}, ("", ""))  # queued by stop() so the task notices at once
 
 
 def prepare(event: AuditEvent) -> dict[str, Any]:
-    """A JSON-safe record with its idempotency id; secrets in ``details`` are redacted, lengths
-    bounded, and the whole :func:`~thallus.audit.chain.normalised` (stored as it is hashed)."""
+    """A JSON-safe record with its idempotency id; secrets in ``details`` are redacted, the whole
+    :func:`~thallus.audit.chain.normalised` (stored as it is hashed), then every text in it bounded
+    (:mod:`thallus.audit.bounds`) — the one place, so journal and store hold the same text."""
     record: dict[str, Any] = {
         "id": uuid7(),
         "action": event.action,
@@ -76,11 +67,7 @@ def prepare(event: AuditEvent) -> dict[str, Any]:
         "duration_ms": event.duration_ms,
         "created_at": timestamp(event.created_at),
     }
-    for name, limit in _LIMITS.items():
-        value = record[name]
-        if isinstance(value, str) and len(value) > limit:
-            record[name] = value[:limit]
-    return normalise(record)
+    return bound_record(normalise(record))
 
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
