@@ -1,10 +1,15 @@
-"""One ``request`` audit record for every state-changing request (SYSTEM.md §11).
+"""One ``request`` audit record for every state-changing request not answered 429 (SYSTEM.md §11).
 
 Placed just inside CORS (outside the error boundary), so it sees the final status of every request
-whichever layer answered it — a 429, a CSRF 403, a 401, a crash's 500 — and exactly one record is
+whichever layer answered it — a CSRF 403, a 401, a 404, a crash's 500 — and exactly one record is
 written per request. The principal, set deeper by the authentication layer, is read from the shared
 ``scope["state"]`` when the response is done: API-key requests are attributed to the key's user with
 ``auth_method: api_key`` and the key id.
+
+A request answered 429 writes no ``request`` record: the refusal's own record stands for it
+(``rate_limited`` from the rate limiter, ``login_failed`` from a sign-in lockout). Written as well,
+a flood past the limit cost two rows per request, and the second — unlike the refusal records,
+which are coalesced per client (:mod:`thallus.audit.coalesce`) — one each, however many came.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from thallus._asgi import ASGIApp, Message, Receive, Scope, Send
 from thallus.audit import AuditEvent, AuditSink, Outcome, request_fields
 from thallus.csrf import SAFE_METHODS
 from thallus.identity.principal import principal_of
+
+#: The status whose request is recorded by its refusal alone.
+TOO_MANY_REQUESTS = 429
 
 
 def outcome_of(status: int | None) -> Outcome:
@@ -49,7 +57,10 @@ class AuditRequestMiddleware:
             self.record(scope, status, (time.perf_counter() - started) * 1000)
 
     def record(self, scope: Scope, status: int | None, duration_ms: float) -> None:
-        """The request's ``request`` record; ``status`` is None when no response was started."""
+        """The request's ``request`` record; ``status`` is None when no response was started. None
+        for a 429 (module doc). The composed layers and ``protect``'s fast path both call this."""
+        if status == TOO_MANY_REQUESTS:
+            return
         principal = principal_of(scope)
         details: dict[str, object] = {"auth_method": principal.auth_method if principal else None}
         if principal is not None and principal.api_key_id:
