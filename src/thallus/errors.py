@@ -163,14 +163,32 @@ class ServiceUnavailableError(ThallusError):
 
 
 def error_body(error: str, message: str, details: Any = None, correlation_id: str | None = None) -> bytes:
-    """The §8 JSON body; the correlation ID defaults to the current request's."""
+    """The §8 JSON body; the correlation ID defaults to the current request's.
+
+    Always valid UTF-8 JSON: a lone surrogate echoed from hostile input (JSON allows ``"\\ud800"``)
+    becomes U+FFFD rather than an encoding error, and a structure too deep to encode is replaced —
+    an error response must never itself fail.
+    """
     document = {
         "error": error,
         "message": message,
         "details": details,
         "correlation_id": correlation_id if correlation_id is not None else correlation_id_var.get(),
     }
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+    try:
+        text = json.dumps(document, separators=(",", ":"), ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):  # nested past the encoder's limit, or circular
+        document["details"] = None
+        text = json.dumps(document, separators=(",", ":"), ensure_ascii=False, default=str)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return without_surrogates(text).encode("utf-8")
+
+
+def without_surrogates(text: str) -> str:
+    """``text`` with every lone surrogate (not encodable as UTF-8) replaced by U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 async def send_error(
@@ -380,6 +398,40 @@ def redact(value: Any, *, field: str = "") -> Any:
     return value
 
 
+#: How much of a rejected input a 422 echoes: nesting levels, items per level, characters.
+ECHO_DEPTH = 4
+ECHO_ITEMS = 20
+ECHO_CHARS = 200
+TRUNCATED = "…"
+
+
+def echo_input(value: Any, *, field: str = "", depth: int = ECHO_DEPTH) -> Any:
+    """A rejected input as a 422 may show it: sensitive-looking fields redacted as by :func:`redact`,
+    at most ``depth`` levels and :data:`ECHO_ITEMS` items a level, strings cut at :data:`ECHO_CHARS`
+    characters — a megabyte or a thousand levels of hostile input is neither sent back nor recursed
+    into."""
+    if field and _SENSITIVE_FIELD.search(field):
+        return REDACTED
+    if isinstance(value, str):
+        return value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + TRUNCATED
+    if not isinstance(value, dict | list):
+        return value
+    if depth <= 0:
+        return TRUNCATED
+    if isinstance(value, dict):
+        items = list(value.items())
+        shown: dict[str, Any] = {
+            str(key)[:ECHO_CHARS]: echo_input(item, field=str(key), depth=depth - 1) for key, item in items[:ECHO_ITEMS]
+        }
+        if len(items) > ECHO_ITEMS:
+            shown[TRUNCATED] = f"{len(items) - ECHO_ITEMS} more"
+        return shown
+    listed = [echo_input(item, depth=depth - 1) for item in value[:ECHO_ITEMS]]
+    if len(value) > ECHO_ITEMS:
+        listed.append(f"{TRUNCATED} {len(value) - ECHO_ITEMS} more")
+    return listed
+
+
 def validation_details(errors: Iterable[Any]) -> list[dict[str, Any]]:
     """Pydantic/FastAPI validation errors as §8 details: ``{type, loc, msg, input}``, secrets redacted."""
     details = []
@@ -392,7 +444,7 @@ def validation_details(errors: Iterable[Any]) -> list[dict[str, Any]]:
                 "type": error.get("type"),
                 "loc": loc,
                 "msg": error.get("msg"),
-                "input": REDACTED if sensitive else redact(value),
+                "input": REDACTED if sensitive else echo_input(value),
             }
         )
     return details

@@ -13,13 +13,14 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from thallus.api.deps import JSON_ONLY, ClientDep, IdentityDep, SessionDep
+from thallus.api.text import Text
 from thallus.identity.service import key_document, utc
 
 router = APIRouter(prefix="/api/v1/api-keys", tags=["api keys"])
 
 
 class ApiKeyCreateRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=100)
+    name: Text = Field(min_length=1, max_length=100)
     expires_at: datetime | None = Field(None, description="ISO 8601; a time without zone is UTC")
 
 

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
 from thallus.api.deps import JSON_ONLY, ClientDep, IdentityDep, SessionDep, login_origin_check
+from thallus.api.text import Text
 from thallus.errors import AuthenticationError, PermissionDeniedError
 from thallus.identity.service import Identity, Login, user_document
 from thallus.identity.tokens import ACCESS_TOKEN_TTL
@@ -22,19 +23,19 @@ router = APIRouter(prefix=AUTH_PATH, tags=["auth"])
 
 
 class RegisterRequest(BaseModel):
-    email: str = Field(max_length=320)
-    password: str = Field(max_length=1024)
-    name: str = Field("", max_length=200)
+    email: Text = Field(max_length=320)
+    password: Text = Field(max_length=1024)
+    name: Text = Field("", max_length=200)
 
 
 class LoginRequest(BaseModel):
-    email: str = Field(max_length=320)
-    password: str = Field(max_length=1024)
+    email: Text = Field(max_length=320)
+    password: Text = Field(max_length=1024)
 
 
 class PasswordChangeRequest(BaseModel):
-    current_password: str = Field(max_length=1024)
-    new_password: str = Field(max_length=1024)
+    current_password: Text = Field(max_length=1024)
+    new_password: Text = Field(max_length=1024)
 
 
 class UserSummary(BaseModel):

@@ -16,6 +16,8 @@ router = APIRouter(tags=["csp"])
 
 CSP_REPORT_PATH = "/csp-report"
 CSP_REPORT_MAX_BYTES = 64 * 1024
+#: A report is an object of strings and numbers (two levels; a Reporting API batch, three).
+CSP_REPORT_MAX_DEPTH = 8
 REPORT_TYPES = frozenset({"application/csp-report", "application/reports+json", "application/json"})
 
 report_logger = logging.getLogger("thallus.csp")
@@ -33,7 +35,23 @@ async def csp_report(request: Request) -> Response:
             raise PayloadTooLargeError(f"A CSP report may be at most {CSP_REPORT_MAX_BYTES} bytes.")
     try:
         report = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise BadRequestError("The CSP report is not valid JSON.") from None
+    if nesting(report) > CSP_REPORT_MAX_DEPTH:
+        raise BadRequestError(f"A CSP report is nested at most {CSP_REPORT_MAX_DEPTH} levels deep.")
     report_logger.warning("CSP violation reported", extra={"csp_report": report})
     return Response(status_code=204)
+
+
+def nesting(value: object) -> int:
+    """How many levels of objects and arrays ``value`` has (iteratively: no recursion to exhaust)."""
+    deepest = 0
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in item)
+    return deepest
