@@ -99,6 +99,16 @@ def effective_policy(settings: Settings) -> dict[str, Any]:
             "lockout_threshold": settings.lockout_threshold,
             "lockout_steps": list(settings.lockout_steps),
         },
+        "bodies": {
+            "max_body_bytes": settings.max_body_bytes,
+            "route_max_body_bytes": dict(settings.route_max_body_bytes),
+            "body_timeout": settings.body_timeout,
+        },
+        "connections": {
+            "header_timeout": settings.header_timeout,
+            "keep_alive_timeout": settings.keep_alive_timeout,
+            "max_connections_per_worker": settings.max_connections,
+        },
         "password_hashing": {
             "algorithm": "argon2id",
             "memory_kib": settings.argon2_memory_cost,
@@ -162,6 +172,16 @@ def _print_policy(policy: dict[str, Any]) -> None:
         f"  Login lockout: after {limits['lockout_threshold']} failures, for "
         + ", ".join(f"{step} s" for step in limits["lockout_steps"])
         + " (the last repeating)",
+    ]
+    bodies, connections = policy["bodies"], policy["connections"]
+    routes = ", ".join(f"{path} {size}" for path, size in bodies["route_max_body_bytes"].items())
+    lines += [
+        "",
+        f"Request bodies: at most {bodies['max_body_bytes']} bytes"
+        + (f" ({routes})" if routes else "")
+        + f"; 408 after a {bodies['body_timeout']:g} s pause",
+        f"Connections (thallus serve): headers within {connections['header_timeout']:g} s, idle "
+        f"{connections['keep_alive_timeout']} s, at most {connections['max_connections_per_worker']} per worker",
     ]
     hashing = policy["password_hashing"]
     lines += [
