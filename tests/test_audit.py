@@ -659,7 +659,7 @@ def test_every_action_is_recorded(admin_api: Api) -> None:
     rows = api.stored_audit()
     assert all(row.correlation_id for row in rows)
     csrf = next(row for row in rows if row.action == "csrf_rejected")
-    assert csrf.details == {"reason": "Origin is not a trusted origin", "origin": "https://evil.example"}
+    assert csrf.details == {"reason": "Origin is not a trusted origin", "origin": "https://evil.example", "count": 1}
     assert (csrf.outcome, csrf.status_code, csrf.method, csrf.path) == ("denied", 403, "POST", "/api/v1/auth/logout")
     cors = next(row for row in rows if row.action == "cors_rejected")
     assert cors.details is not None and cors.details["origin"] == "https://evil.example"
@@ -688,8 +688,8 @@ def test_one_request_record_per_state_changing_request(admin_api: Api) -> None:
 def test_query_endpoint(admin_api: Api) -> None:
     api = admin_api
     admin = api.bearer("root@example.com")
-    for _ in range(3):
-        api.login(password="Wrong-Password-123!")
+    for number in range(3):  # three sign-in names: three records (one name's failures are coalesced)
+        api.login(f"nobody{number}@example.com", password="Wrong-Password-123!")
     api.flush_audit()
     response = api.client.get("/api/v1/audit-logs", params={"action": "login_failed", "limit": 2}, headers=admin)
     assert response.status_code == 200
@@ -735,8 +735,8 @@ def test_query_needs_admin_and_offers_no_writes(admin_api: Api) -> None:
 def test_export_streams_every_record(admin_api: Api, fmt: str) -> None:
     api = admin_api
     admin = api.bearer("root@example.com")
-    for _ in range(4):
-        api.login(password="Wrong-Password-123!")
+    for number in range(4):  # four sign-in names: four records (one name's failures are coalesced)
+        api.login(f"nobody{number}@example.com", password="Wrong-Password-123!")
     api.flush_audit()
     response = api.client.get(
         "/api/v1/audit-logs/export", params={"format": fmt, "action": "login_failed"}, headers=admin

@@ -20,6 +20,7 @@ from thallus.api.docs import mount_docs
 from thallus.api.routes import admin, api_keys, audit_logs, auth, csp_reports, health, users
 from thallus.api.text import refuse_nul
 from thallus.audit import AuditSink, FanOutSink, LogAuditSink
+from thallus.audit.coalesce import CoalescingSink
 from thallus.audit.store import AuditStore
 from thallus.audit.writer import AuditWriter
 from thallus.auth import AuthenticationMiddleware
@@ -112,13 +113,20 @@ def create_app(settings: Settings | None = None, *, audit: AuditSink | None = No
     """The reference service: :func:`create_api` inside the core layers and the authentication layer.
 
     One database serves identity and the audit log; the request limits and the login lockout state
-    live in memory, or both in Redis when configured. ``audit`` receives every
-    audit event besides the persistent log (or instead of it, with ``THALLUS_AUDIT_ENABLED=false``).
+    live in memory, or both in Redis when configured. The persistent log receives denials coalesced
+    per client (:mod:`thallus.audit.coalesce`, driven and flushed by the writer); ``audit`` receives
+    every audit event as it happened, besides the persistent log (or instead of it, with
+    ``THALLUS_AUDIT_ENABLED=false``).
     """
     settings = settings or Settings.load()
     database = Database(settings.effective_database_url)
     writer = audit_writer(settings, database) if settings.audit_enabled else None
-    sinks = [sink for sink in (writer, audit) if sink is not None]
+    persistent: AuditSink | None = None
+    if writer is not None:
+        coalescer = CoalescingSink(writer)
+        writer.add_source(coalescer)
+        persistent = coalescer
+    sinks = [sink for sink in (persistent, audit) if sink is not None]
     sink: AuditSink = FanOutSink(*sinks) if sinks else LogAuditSink()
     storage = create_storage(settings.redis_url, settings.redis_key_prefix)
     identity = Identity.from_settings(settings, sink, login_lockout(settings), database)

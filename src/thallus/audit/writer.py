@@ -12,6 +12,11 @@ journal file (fsync'd per batch); once the database answers again, the journal �
 stopped or crashed process left behind — is replayed in order, exactly once (records whose id is
 already stored are skipped), before new records are written. A full queue spills to the journal
 instead of dropping. ``stop`` (the application's lifespan shutdown) flushes everything.
+
+Sinks in front of the writer that hold events back (:class:`~thallus.audit.coalesce.CoalescingSink`)
+are registered with :meth:`AuditWriter.add_source`: each turn of the background task (at least once
+per ``retry_interval`` when idle) lets them hand on what is due, and ``flush`` and ``stop`` make them
+hand on everything first, so nothing they hold is lost at shutdown.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio.to_thread
 
@@ -43,6 +48,16 @@ logger = logging.getLogger("thallus.audit")
 
 ERROR_LOG_INTERVAL = 60.0
 _WAKE_UP = Prepared({}, ("", ""))  # queued by stop() so the task notices at once
+
+
+class HoldsEvents(Protocol):
+    """A sink in front of the writer that holds events back for a while (module doc)."""
+
+    def flush_due(self) -> int:
+        """Hand on what is due now; returns how many records were handed on."""
+
+    def flush(self) -> int:
+        """Hand on everything held; returns how many records were handed on."""
 
 
 def prepare(event: AuditEvent) -> dict[str, Any]:
@@ -116,6 +131,7 @@ class AuditWriter:
         self._last_error_log = -math.inf
         self._last_orphan_scan = -math.inf
         self._orphans_seen = False
+        self._sources: list[HoldsEvents] = []
         self.stats = {"written": 0, "spilled": 0, "replayed": 0, "overflowed": 0}
 
     # -- the sink -------------------------------------------------------------------------------
@@ -146,6 +162,22 @@ class AuditWriter:
             self._append_to_journal([record], sync=False)  # spill rather than drop; fsync'd with the next batch
             self._log_error("audit queue full; spilling to the journal")
 
+    def add_source(self, source: HoldsEvents) -> None:
+        """Drive ``source``, a sink that holds events back before handing them to this writer: its
+        due records are released on each turn of the background task, all of them by ``flush`` and
+        ``stop``."""
+        self._sources.append(source)
+
+    def _release(self, *, everything: bool) -> None:
+        for source in self._sources:
+            try:
+                if everything:
+                    source.flush()
+                else:
+                    source.flush_due()
+            except Exception:  # a source's problem must not stop the writer
+                logger.exception("could not release held audit records")
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -156,7 +188,9 @@ class AuditWriter:
         self._task = asyncio.create_task(self._run(), name="thallus-audit-writer")
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Write (or journal) everything queued, then close the journal."""
+        """Write (or journal) everything queued — held-back records first released — then close the
+        journal."""
+        self._release(everything=True)
         self._stopping = True
         self._stop_requested.set()
         with contextlib.suppress(asyncio.QueueFull):
@@ -182,7 +216,9 @@ class AuditWriter:
                 logger.warning("could not close the audit appender: %s", exc)
 
     async def flush(self) -> None:
-        """Wait until every record queued so far is stored or journalled (tests, CLI)."""
+        """Release every held-back record, then wait until every record queued so far is stored or
+        journalled (tests, CLI)."""
+        self._release(everything=True)
         while self._outstanding > 0:
             await asyncio.sleep(0.005)
 
@@ -191,6 +227,7 @@ class AuditWriter:
     async def _run(self) -> None:
         await self._retry_journals(force=True)
         while not (self._stopping and self._queue.empty()):
+            self._release(everything=False)
             batch = await self._next_batch()
             try:
                 if batch:
