@@ -163,9 +163,6 @@ class Settings(BaseSettings):
     session_inactivity_timeout: int = Field(
         86400, ge=60, description="seconds without a refresh after which a session ends"
     )
-    api_key_cache_seconds: float = Field(
-        5.0, ge=0, le=5, description="how long another instance may still accept a revoked API key"
-    )
     rate_limit_enabled: bool = Field(True, description="per-IP request limits")
     rate_limit: str = Field("120/minute", description="general per-IP limit, limits notation")
     rate_limit_auth: str = Field("10/minute", description="per-IP limit on the authentication endpoints")

@@ -1,25 +1,22 @@
 """API keys: ``thal_`` + 32 random bytes (URL-safe base64), stored only as a keyed hash.
 
 The preview ``thal_XXXX...YYYY`` identifies a key in lists without revealing it. Verification
-results are cached for at most ``api_key_cache_seconds`` (≤ 5 s): a revoked key stops working at
-once on the instance that revoked it (its cache entry is dropped) and within that bound on every
-other instance; expiry is checked on every request against the cached expiry time. The last-used
-time is buffered in memory and written in batches, never once per request.
+results live in the identity view (:mod:`thallus.identity.view`): a revoked key stops working at
+once on the instance that revoked it and within the view's bound (1 s) on every other instance;
+expiry is checked on every request against the recorded expiry time. The last-used time is
+buffered in memory and written in batches, never once per request.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 
 PREFIX = "thal_"
 PURPOSE = "api-key"
 _SHAPE = re.compile(r"thal_[A-Za-z0-9_-]{43}")
-CACHE_CAPACITY = 10_000
 
 
 def generate_api_key() -> str:
@@ -46,35 +43,6 @@ class KeyRecord:
     role: str
     expires_at: datetime | None
     usable: bool  # not revoked, user active
-
-
-class KeyCache:
-    """A small LRU of verification results (including "no such key") with a time-to-live."""
-
-    def __init__(self, ttl_seconds: float, capacity: int = CACHE_CAPACITY) -> None:
-        self.ttl = ttl_seconds
-        self.capacity = capacity
-        self._entries: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
-
-    def get(self, key_hash: str) -> tuple[bool, KeyRecord | None]:
-        """``(hit, record)``; a hit with ``None`` means the key is known not to exist."""
-        entry = self._entries.get(key_hash)
-        if entry is None or time.monotonic() - entry[0] >= self.ttl:
-            return False, None
-        self._entries.move_to_end(key_hash)
-        return True, entry[1]
-
-    def put(self, key_hash: str, record: KeyRecord | None) -> None:
-        if self.ttl <= 0:
-            return
-        self._entries[key_hash] = (time.monotonic(), record)
-        self._entries.move_to_end(key_hash)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-
-    def forget_key(self, key_id: str) -> None:
-        for key_hash in [h for h, (_, record) in self._entries.items() if record and record.key_id == key_id]:
-            del self._entries[key_hash]
 
 
 class LastUsedBuffer:

@@ -38,6 +38,7 @@ from thallus.identity.lockout import Attempt, LockoutUnavailableError, LoginLock
 from thallus.identity.passwords import POLICY, HashingUnavailableError, PasswordHasher, password_problems
 from thallus.identity.principal import Principal
 from thallus.identity.tokens import REFRESH_PURPOSE, AccessTokens, InvalidTokenError, new_refresh_token
+from thallus.identity.view import IdentityView, SessionView, UserView
 from thallus.settings import Settings
 from thallus.storage import Database
 from thallus.storage.models import ApiKey, RefreshToken, Session, User, utcnow
@@ -89,7 +90,7 @@ def check_password(password: str, *, loc: Sequence[str | int] = ("body", "passwo
         )
 
 
-def user_document(user: User) -> dict[str, Any]:
+def user_document(user: User | UserView) -> dict[str, Any]:
     return {
         "id": user.id,
         "email": user.email,
@@ -153,7 +154,7 @@ class Identity:
         self.hasher = hasher
         self.audit = audit
         self.tokens = AccessTokens(keys)
-        self.key_cache = api_keys.KeyCache(settings.api_key_cache_seconds)
+        self.view = IdentityView(database)
         self.last_used = api_keys.LastUsedBuffer()
         self._flusher: asyncio.Task[None] | None = None
 
@@ -184,11 +185,14 @@ class Identity:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Migrate the schema and start the background flush of API-key last-used times."""
+        """Migrate the schema, start following the change log (:class:`IdentityView`) and the
+        background flush of API-key last-used times."""
         await self.database.migrate()
+        await self.view.start()
         self._flusher = asyncio.create_task(self._flush_periodically())
 
     async def stop(self, *, dispose: bool = True) -> None:
+        await self.view.stop()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -199,13 +203,15 @@ class Identity:
             await self.database.dispose()
 
     async def _flush_periodically(self) -> None:
-        """Every minute: API-key last-used times; every hour: the database's planner statistics."""
+        """Every minute: API-key last-used times; every hour: the database's planner statistics and
+        the change log's old rows."""
         for minute in itertools.count(1):
             await asyncio.sleep(LAST_USED_FLUSH_SECONDS)
             try:
                 await self.flush_last_used()
                 if minute % 60 == 0:
                     await self.database.analyze()
+                    await self.view.prune()
             except Exception:
                 logger.exception("periodic database upkeep failed; will retry")
 
@@ -257,6 +263,66 @@ class Identity:
             raise NotFoundError("No such user.")
         return user
 
+    async def user_view(self, user_id: str) -> UserView | None:
+        """The user as the view knows it (a query only on first sight, or when the view is stale)."""
+        view = self.view
+        fresh = view.fresh
+        if fresh:
+            cached = view.users.get(user_id)
+            if cached is not None:
+                return cached
+        generation = view.generation
+        async with self.database.session() as db:
+            user = await db.get(User, user_id)
+        if user is None:
+            return None
+        loaded = UserView(user.id, user.email, user.name, user.role, user.api_access, user.is_active, user.created_at)
+        if fresh and view.generation == generation:  # no change applied meanwhile: safe to keep
+            view.users.put(user_id, loaded)
+        return loaded
+
+    async def current_user(self, principal: Principal) -> UserView:
+        """The principal's user, from the view (``/users/me`` and every route that needs it)."""
+        user = await self.user_view(principal.user_id)
+        if user is None or not user.is_active:
+            raise AuthenticationError("The account is no longer active; sign in again.")
+        return user
+
+    async def update_user(
+        self,
+        user_id: str,
+        client: ClientInfo,
+        *,
+        role: str | None = None,
+        api_access: bool | None = None,
+        is_active: bool | None = None,
+        actor: str | None = None,
+    ) -> User:
+        """Change a user's role, features or active flag; every instance's view follows (a
+        deactivated user's sessions and keys stop working)."""
+        if role is not None and role not in ROLES:
+            raise ValidationError(f"The role must be one of {', '.join(ROLES)}.")
+        values: dict[str, Any] = {
+            name: value
+            for name, value in (("role", role), ("api_access", api_access), ("is_active", is_active))
+            if value is not None
+        }
+        async with self.database.session() as db:
+            user = await db.get(User, user_id)
+            if user is None:
+                raise NotFoundError("No such user.")
+            if values:
+                await db.execute(update(User).where(User.id == user_id).values(**values))
+                await self.view.record(db, "user", user_id)
+                await db.commit()
+                await db.refresh(user)
+        if values:
+            self.view.apply("user", user_id)
+            self._audit(
+                "user_update", "success", user_id, client, resource=("user", user_id), details={**values, "by": actor}
+            )
+        return user
+
     async def user_by_email(self, email: str) -> User | None:
         """The user of an address in any spelling that has the same canonical form."""
         canonical = canonical_email(email)
@@ -298,8 +364,11 @@ class Identity:
             if rehashed is not None:  # made with other cost parameters: re-made now (no connection held meanwhile)
                 user.password_hash = rehashed
                 await db.execute(update(User).where(User.id == user.id).values(password_hash=rehashed))
+            generation = self.view.generation
             session, refresh = await self._new_session(db, user, client)
             await db.commit()
+        if self.view.fresh and self.view.generation == generation:  # the first request needs no query
+            self.view.sessions.put(session.id, SessionView(session.id, user.id, session.expires_at, revoked=False))
         self._audit("login", "success", user.id, client, resource=("session", session.id))
         return Login(user, session.id, self.tokens.issue(user.id, session.id), refresh)
 
@@ -448,11 +517,13 @@ class Identity:
         logger.warning("refresh token reuse detected; session %s revoked", session.id)
         raise AuthenticationError("The refresh token was already used; the session has been revoked.")
 
-    @staticmethod
-    async def _revoke(db: AsyncSession, session: Session, reason: str) -> None:
+    async def _revoke(self, db: AsyncSession, session: Session, reason: str) -> None:
+        """End a session; its access tokens stop here at once and on every instance within the bound."""
         session.revoked_at = utcnow()
         session.revoked_reason = reason
+        await self.view.record(db, "session", session.id)
         await db.commit()
+        self.view.apply("session", session.id)
 
     async def logout(self, *, raw_refresh: str | None, session_id: str | None, client: ClientInfo) -> None:
         """End the session named by the refresh cookie or the access token (idempotent)."""
@@ -493,26 +564,54 @@ class Identity:
                 .where(Session.user_id == user.id, Session.revoked_at.is_(None))
                 .values(revoked_at=now, revoked_reason="password_change")
             )
+            await self.view.record(db, "user", user.id)
             await db.commit()
+        self.view.apply("user", user.id)
         self._audit("password_change", "success", user.id, client)
 
     async def principal_from_access_token(self, token: str) -> Principal:
-        """The principal of a Bearer token; its session must still be open (checked every time)."""
+        """The principal of a Bearer token: its signature and claims, then its session and user from
+        the view — no query once both are known (:class:`IdentityView`); the database decides while
+        the view is stale."""
         try:
             claims = self.tokens.decode(token)
         except InvalidTokenError as exc:
             raise AuthenticationError(str(exc)[0].upper() + str(exc)[1:] + ".") from None
+        session = await self._session_view(claims.session_id)
+        user = await self.user_view(claims.user_id) if session is not None else None
+        if (
+            session is None
+            or user is None
+            or session.user_id != user.id
+            or session.revoked
+            or session.expires_at <= utcnow()
+            or not user.is_active
+        ):
+            raise AuthenticationError("The session has ended; sign in again.")
+        return Principal(user.id, user.email, user.name, user.role, "session", session_id=session.id)
+
+    async def _session_view(self, session_id: str) -> SessionView | None:
+        view = self.view
+        fresh = view.fresh
+        if fresh:
+            cached = view.sessions.get(session_id)
+            if cached is not None:
+                return cached
+        generation = view.generation
         async with self.database.session() as db:
             row = (
                 await db.execute(
-                    select(Session.revoked_at, Session.expires_at, User.email, User.name, User.role, User.is_active)
-                    .join(User, User.id == Session.user_id)
-                    .where(Session.id == claims.session_id, User.id == claims.user_id)
+                    select(Session.id, Session.user_id, Session.expires_at, Session.revoked_at).where(
+                        Session.id == session_id
+                    )
                 )
             ).first()
-        if row is None or row.revoked_at is not None or row.expires_at <= utcnow() or not row.is_active:
-            raise AuthenticationError("The session has ended; sign in again.")
-        return Principal(claims.user_id, row.email, row.name, row.role, "session", session_id=claims.session_id)
+        if row is None:
+            return None
+        loaded = SessionView(row.id, row.user_id, row.expires_at, revoked=row.revoked_at is not None)
+        if fresh and view.generation == generation:
+            view.sessions.put(session_id, loaded)
+        return loaded
 
     # -- API keys ---------------------------------------------------------------------------------
 
@@ -584,8 +683,9 @@ class Identity:
                 raise NotFoundError("No such API key.")
             if key.revoked_at is None:
                 key.revoked_at = utcnow()
+                await self.view.record(db, "api_key", key_id)
                 await db.commit()
-        self.key_cache.forget_key(key_id)
+        self.view.apply("api_key", key_id)
         self._audit(
             "api_key_revoke",
             "success",
@@ -609,9 +709,15 @@ class Identity:
         return Principal(record.user_id, record.email, record.name, record.role, "api_key", api_key_id=record.key_id)
 
     async def _key_record(self, raw: str) -> api_keys.KeyRecord | None:
-        hit, record = self.key_cache.get(self.keys.hash(api_keys.PURPOSE, raw))
-        if hit:
-            return record
+        """The record of a key from the view (``False`` there: known not to exist), else the database."""
+        view = self.view
+        fresh = view.fresh
+        current_hash = self.keys.hash(api_keys.PURPOSE, raw)
+        if fresh:
+            cached = view.keys.get(current_hash)
+            if cached is not None:
+                return cached or None
+        generation = view.generation
         hashes = self.keys.hashes(api_keys.PURPOSE, raw)  # every secret still accepted (rotation)
         async with self.database.session() as db:
             row = (
@@ -631,7 +737,8 @@ class Identity:
                 key.expires_at,
                 key.revoked_at is None and user.is_active,
             )
-        self.key_cache.put(hashes[0], record)
+        if fresh and view.generation == generation:
+            view.keys.put(current_hash, record or False)
         return record
 
     # -- audit ------------------------------------------------------------------------------------

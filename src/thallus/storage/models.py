@@ -185,3 +185,15 @@ class AuditCheckpoint(Base):
     hash: Mapped[str] = mapped_column(String(64))  # its hash: the prev_hash of the first record kept
     pruned_count: Mapped[int] = mapped_column(BIG_INTEGER)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class IdentityChange(Base):
+    """A change that can turn a credential away, for every instance's view to follow (0005)."""
+
+    __tablename__ = "identity_changes"
+    __table_args__ = (Index("ix_identity_changes_created_at", "created_at"),)
+
+    seq: Mapped[int] = mapped_column(BIG_INTEGER, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # session | user | api_key
+    subject_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -14,4 +14,4 @@ router = APIRouter(prefix="/api/v1/users", tags=["users"])
 
 @router.get("/me", summary="The signed-in user (session or API key)")
 async def me(principal: PrincipalDep, service: IdentityDep) -> dict[str, Any]:
-    return user_document(await service.get_user(principal.user_id))
+    return user_document(await service.current_user(principal))
