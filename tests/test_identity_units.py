@@ -31,8 +31,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from thallus.errors import ValidationError
-from thallus.identity import api_keys
-from thallus.identity.api_keys import KeyCache, KeyRecord, LastUsedBuffer, generate_api_key, is_well_formed, mask
+from thallus.identity.api_keys import LastUsedBuffer, generate_api_key, is_well_formed, mask
 from thallus.identity.keys import SECRET_FILE, KeyRing, server_secret
 from thallus.identity.passwords import MAX_LENGTH, MIN_LENGTH, POLICY, PasswordHasher, password_problems
 from thallus.identity.service import (
@@ -556,79 +555,6 @@ def test_is_well_formed_accepts_the_shape() -> None:
     assert is_well_formed("thal_" + VALID_BODY)
     assert is_well_formed("thal_" + "-" * 43)
     assert is_well_formed("thal_" + "_" * 43)
-
-
-def record(key_id: str = "key-1", user_id: str = "user-1") -> KeyRecord:
-    return KeyRecord(key_id, user_id, "ada@example.com", "Ada", "user", None, True)
-
-
-def test_cache_hit_and_miss() -> None:
-    cache = KeyCache(ttl_seconds=5)
-    assert cache.get("h1") == (False, None)
-    cache.put("h1", record())
-    assert cache.get("h1") == (True, record())
-    assert cache.get("h2") == (False, None)
-
-
-def test_cache_remembers_unknown_keys() -> None:
-    cache = KeyCache(ttl_seconds=5)
-    cache.put("unknown", None)
-    assert cache.get("unknown") == (True, None), "a hit: known not to exist"
-
-
-def test_cache_entries_expire() -> None:
-    cache = KeyCache(ttl_seconds=0.02)
-    cache.put("h1", record())
-    cache.put("h2", None)
-    time.sleep(0.05)
-    assert cache.get("h1") == (False, None)
-    assert cache.get("h2") == (False, None)
-
-
-def test_cache_with_zero_ttl_keeps_nothing() -> None:
-    cache = KeyCache(ttl_seconds=0)
-    cache.put("h1", record())
-    cache.put("h2", None)
-    assert cache.get("h1") == (False, None)
-    assert cache.get("h2") == (False, None)
-    assert len(cache._entries) == 0
-
-
-def test_cache_evicts_the_least_recently_used() -> None:
-    cache = KeyCache(ttl_seconds=5, capacity=2)
-    cache.put("a", record("key-a"))
-    cache.put("b", record("key-b"))
-    assert cache.get("a")[0], "touching a makes b the oldest"
-    cache.put("c", record("key-c"))
-    assert cache.get("b") == (False, None)
-    assert cache.get("a") == (True, record("key-a"))
-    assert cache.get("c") == (True, record("key-c"))
-    cache.put("c", None)  # replacing an entry evicts nothing
-    assert cache.get("a")[0]
-    assert cache.get("c") == (True, None)
-
-
-def test_cache_capacity_bounds_its_size() -> None:
-    cache = KeyCache(ttl_seconds=5, capacity=10)
-    for index in range(100):
-        cache.put(f"h{index}", record(f"key-{index}"))
-    assert len(cache._entries) == 10
-    assert [cache.get(f"h{index}")[0] for index in (89, 90, 99)] == [False, True, True]
-    assert api_keys.CACHE_CAPACITY == 10_000
-
-
-def test_forget_key_drops_only_that_key() -> None:
-    cache = KeyCache(ttl_seconds=5)
-    cache.put("h1", record("key-1"))
-    cache.put("h1-old-secret", record("key-1"))
-    cache.put("h2", record("key-2"))
-    cache.put("unknown", None)
-    cache.forget_key("key-1")
-    assert cache.get("h1") == (False, None)
-    assert cache.get("h1-old-secret") == (False, None)
-    assert cache.get("h2") == (True, record("key-2"))
-    assert cache.get("unknown") == (True, None)
-    cache.forget_key("no-such-key")
 
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)

@@ -58,7 +58,9 @@ class Database:
         self.dialect = parsed.get_backend_name()
         # hide_parameters: a failed statement's error (and so its log line) never carries the bound
         # values — a password hash, a token hash, a user's address.
-        options: dict[str, Any] = {"pool_pre_ping": True, "pool_timeout": POOL_TIMEOUT_SECONDS, "hide_parameters": True}
+        options: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
+        if not (self.dialect == "sqlite" and parsed.database in (None, "", ":memory:")):
+            options["pool_timeout"] = POOL_TIMEOUT_SECONDS  # an in-memory database has a single-connection pool
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 # 0600 before SQLite opens it; its -wal and -shm files take the database's mode
