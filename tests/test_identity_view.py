@@ -169,8 +169,8 @@ def test_a_stale_view_asks_the_database(api: Api) -> None:
 
     api.run(revoke_behind_its_back)
     assert api.client.get("/api/v1/users/me", headers=bearer).status_code == 200, "fresh: memory decides"
-    view.synced_at -= view.bound + 5  # as if its reads had failed for longer than the bound
-    view.poll_interval = 3600  # and keep failing
+    api.run(view.stop)  # its reads stop, as if they had failed ...
+    view.synced_at -= view.bound + 5  # ... for longer than the bound
     assert api.client.get("/api/v1/users/me", headers=bearer).status_code == 401, "stale: the database decides"
 
 
