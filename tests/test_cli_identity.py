@@ -118,3 +118,16 @@ def test_readme_walkthrough(tmp_path: Path, workers: int) -> None:
             me = httpx.get(server.url + "/api/v1/users/me", headers={"X-API-Key": key.json()["key"]})
             assert me.status_code == 200
             assert me.json()["email"] == "ada@example.com"
+
+
+def test_users_set_changes_role_features_and_active(tmp_path: Path) -> None:
+    created = thallus(tmp_path, "users", "create", "--email", "ada@example.com", "--password", PASSWORD)
+    user_id = created.stdout.split()[0]
+    changed = thallus(tmp_path, "users", "set", "--email", "ADA@example.com", "--role", "admin", "--api-access")
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout.split() == [user_id, "ada@example.com", "admin", "api_access", "active"]
+    off = thallus(tmp_path, "users", "set", "--email", "ada@example.com", "--no-api-access", "--no-active")
+    assert off.stdout.split()[3:] == ["-", "inactive"]
+    assert thallus(tmp_path, "users", "set", "--email", "ada@example.com").returncode == 2, "nothing to change"
+    missing = thallus(tmp_path, "users", "set", "--email", "nobody@example.com", "--role", "user")
+    assert missing.returncode == 1 and "No user" in missing.stderr

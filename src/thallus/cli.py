@@ -330,6 +330,36 @@ def _users_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _users_set(args: argparse.Namespace) -> int:
+    from thallus.identity.service import ClientInfo
+
+    settings = _load_settings()
+    if args.role is None and args.api_access is None and args.active is None:
+        print(
+            "thallus: nothing to change: give --role, --api-access/--no-api-access or --active/--no-active",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIGURATION
+
+    async def work(identity: Identity) -> User:
+        user = await identity.user_by_email(args.email)
+        if user is None:
+            raise NotFoundError(f"No user with e-mail address {args.email}.")
+        return await identity.update_user(
+            user.id,
+            ClientInfo(user_agent="thallus-cli"),
+            role=args.role,
+            api_access=args.api_access,
+            is_active=args.active,
+            actor="cli",
+        )
+
+    user = _run(_with_identity(settings, work))
+    state = "active" if user.is_active else "inactive"
+    print(f"{user.id} {user.email} {user.role} {','.join(user.features) or '-'} {state}")
+    return 0
+
+
 def _users_unlock(args: argparse.Namespace) -> int:
     from thallus.api import login_lockout
     from thallus.identity.service import ClientInfo
@@ -487,6 +517,16 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(handler=_users_create)
     listing = user_commands.add_parser("list", help="one user a line: id email role features created name")
     listing.set_defaults(handler=_users_list)
+    change = user_commands.add_parser(
+        "set", help="change a user's role, features or active flag (every instance follows within 1 s)"
+    )
+    change.add_argument("--email", required=True)
+    change.add_argument("--role", choices=("user", "admin"))
+    change.add_argument("--api-access", action=argparse.BooleanOptionalAction, help="the api_access feature")
+    change.add_argument(
+        "--active", action=argparse.BooleanOptionalAction, help="--no-active: its sessions and keys stop working"
+    )
+    change.set_defaults(handler=_users_set)
     unlock = user_commands.add_parser("unlock", help="lift a login lockout (needs THALLUS_REDIS_URL)")
     unlock.add_argument("--email", required=True)
     unlock.set_defaults(handler=_users_unlock)
