@@ -35,6 +35,7 @@ A failure lists every distinct failure (each shrunk to its minimal form) with a 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -64,6 +65,8 @@ from sqlalchemy.engine import URL
 
 from tests.fuzz_support import (
     ADMIN_EMAIL,
+    BASELINE_CSP,
+    EXACT_HEADERS,
     PASSWORD,
     SAME_ORIGIN,
     Finding,
@@ -318,3 +321,121 @@ def test_schema_fuzz(backend: tuple[str, str], auth: str, tmp_path: Path) -> Non
             f"({run.requests} requests, {elapsed:.0f} s):\n\n" + format_report(findings, leaks, run.statuses),
             pytrace=False,
         )
+
+
+# -- the harness's own checks, without a server: each catches what it must -------------------------
+
+
+def _response(status: int, headers: dict[str, list[str]], body: bytes, path: str = "/api/v1/users/me") -> Response:
+    request = requests.Request("GET", "http://127.0.0.1:1" + path).prepare()
+    return Response(status, headers, body, request, elapsed=0.0, verify=True)
+
+
+GOOD_HEADERS = {
+    **{name: [value] for name, value in EXACT_HEADERS.items()},
+    "permissions-policy": ["camera=(), microphone=(), geolocation=()"],
+    "strict-transport-security": ["max-age=31536000"],
+    "x-correlation-id": ["fuzz.1"],
+    "cache-control": ["no-store"],
+    "content-type": ["application/json"],
+}
+
+
+def test_header_checks() -> None:
+    assert header_problems(_response(200, GOOD_HEADERS, b"{}"), production=True) == []
+    broken = {**GOOD_HEADERS, "content-security-policy": [BASELINE_CSP, BASELINE_CSP], "x-correlation-id": [" x"]}
+    del broken["x-frame-options"], broken["strict-transport-security"], broken["cache-control"]
+    keys = {problem.key for problem in header_problems(_response(401, broken, b"{}"), production=True)}
+    assert keys == {
+        "header content-security-policy",
+        "header x-frame-options",
+        "header strict-transport-security",
+        "header x-correlation-id",
+        "header cache-control",
+    }
+    outside_production = {
+        problem.key for problem in header_problems(_response(200, GOOD_HEADERS, b"{}"), production=False)
+    }
+    assert outside_production == {"header strict-transport-security"}
+
+
+def _error(status: int, error: str, details: object = None, correlation_id: str = "fuzz.1", **extra: object) -> bytes:
+    body = {"error": error, "message": "m", "details": details, "correlation_id": correlation_id, **extra}
+    return json.dumps(body).encode()
+
+
+def test_error_shape_checks() -> None:
+    assert error_problems(_response(404, GOOD_HEADERS, _error(404, "NotFoundError")), None) == []
+    assert error_problems(_response(200, GOOD_HEADERS, b"[]"), None) == []
+    cases = {
+        "404 error shape": _response(404, GOOD_HEADERS, _error(404, "NotFoundError", detail="x")),
+        "400 error type": _response(400, GOOD_HEADERS, _error(400, "ValidationError")),
+        "401 correlation_id": _response(401, GOOD_HEADERS, _error(401, "AuthenticationError", correlation_id="z")),
+        "403 CSRFError": _response(403, GOOD_HEADERS, _error(403, "CSRFError")),
+        "429": _response(429, GOOD_HEADERS, _error(429, "RateLimitError")),
+        "415 not JSON": _response(415, {**GOOD_HEADERS, "content-type": ["text/plain"]}, b"no"),
+        "422 details": _response(422, GOOD_HEADERS, _error(422, "ValidationError", [{"loc": ["body"]}])),
+    }
+    for key, response in cases.items():
+        assert key in {problem.key for problem in error_problems(response, None)}, key
+
+
+def test_a_422_may_not_echo_a_sent_password() -> None:
+    sent = {"email": "not-an-address", "password": "Secret-Value-1!"}
+
+    def keys(*details: dict[str, object]) -> set[str]:
+        response = _response(422, GOOD_HEADERS, _error(422, "ValidationError", list(details)))
+        return {problem.key for problem in error_problems(response, sent)}
+
+    item = {"type": "value_error", "msg": "m"}
+    assert keys({**item, "loc": ["body", "password"], "input": "Secret-Value-1!"}) == {"422 echoes a secret"}
+    assert keys({**item, "loc": ["body", "name"], "input": sent}) == {"422 echoes a secret"}
+    assert keys({**item, "loc": ["body", "password"], "input": "[redacted]"}) == set()
+    assert keys({**item, "loc": ["body", "email"], "input": "not-an-address"}) == set()
+    assert keys({**item, "loc": ["body", "name"], "input": {**sent, "password": "[redacted]"}}) == set()
+
+
+def test_leaks_and_server_exceptions_are_recognised() -> None:
+    output = 'ok\n{"message": "key thal_abc"}\n{"hash": "$argon2id$v=19$m=19456"}\n'
+    assert len(leaked_secrets(output, {"API key": "thal_abc", "password": "Pw-1!"})) == 2
+    traceback = (
+        'Traceback (most recent call last):\n  File "/x/src/thallus/audit/store.py", line 109, in query\n'
+        "OverflowError: value out of int64 range\n\nThe above exception was the direct cause of the following:\n\n"
+        '  File "/venv/sqlalchemy/engine/base.py", line 1, in execute\n'
+        "sqlalchemy.exc.DBAPIError: (sqlalchemy.dialects.postgresql.asyncpg.Error) invalid input\n"
+        "(Background on this error at: https://sqlalche.me/e/21/dbapi)"
+    )
+    entry = {"message": "unhandled exception: DBAPIError", "exception": traceback}
+    assert server_exception(entry) == ("DBAPIError ← OverflowError", "thallus/audit/store.py:query")
+    assert server_exception(None) == ("no exception logged", "")
+    command = "curl -H 'Authorization: Bearer tok.en' -H 'X-API-Key: thal_k' http://x"
+    assert without_secrets(command, {"tok.en": "TOKEN", "thal_k": "API_KEY"}) == (
+        'curl -H "Authorization: Bearer $TOKEN" -H "X-API-Key: $API_KEY" http://x'
+    )
+
+
+def test_the_hostile_corpus_reaches_every_string_field() -> None:
+    document = {
+        "paths": {
+            "/items/{item_id}": {
+                "post": {
+                    "parameters": [
+                        {"name": "item_id", "in": "path", "schema": {"type": "string"}},
+                        {"name": "cursor", "in": "query", "schema": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    ],
+                    "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/B"}}}},
+                }
+            }
+        },
+        "components": {"schemas": {"B": {"properties": {"email": {"type": "string"}, "n": {"type": "integer"}}}}},
+    }
+    entries = hostile_corpus(document, "/items/{item_id}", "POST")
+    assert {"path_parameters": {"item_id": "\x00"}} in entries
+    assert {"path_parameters": {"item_id": "corpus"}, "query": {"cursor": "corpus\x00"}} in entries
+    big = {"path_parameters": {"item_id": "corpus"}, "query": {"cursor": "eyJiZWZvcmUiOiA5MjIzMzcyMDM2ODU0Nzc1ODA4fQ"}}
+    assert big in entries  # {"before": 2**63}
+    bodies = [entry["body"] for entry in entries if "body" in entry]
+    assert {"email": "\ud800"} in bodies
+    assert {"email": "corpus\x00@example.com"} in bodies
+    assert not any("limit" in entry.get("query", {}) or "n" in entry.get("body", {}) for entry in entries)
