@@ -11,14 +11,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from thallus import __version__
 from thallus._asgi import ASGIApp, Receive, Scope, Send
 from thallus.api.docs import mount_docs
 from thallus.api.routes import admin, api_keys, audit_logs, auth, csp_reports, health, users
-from thallus.api.text import refuse_nul
+from thallus.api.text import RefuseNulInUrl
 from thallus.audit import AuditSink, FanOutSink, LogAuditSink
 from thallus.audit.coalesce import CoalescingSink
 from thallus.audit.store import AuditStore
@@ -79,7 +79,6 @@ def create_api(settings: Settings, identity: Identity, writer: AuditWriter | Non
         # Location from the request's Host header (and scheme), so `POST /login/` with
         # `Host: evil.example` would send a client, credentials and all, to another host.
         redirect_slashes=False,
-        dependencies=[Depends(refuse_nul)],
     )
     api.state.identity = identity
     api.state.audit_store = writer.store if writer is not None else None
@@ -134,7 +133,7 @@ def create_app(settings: Settings | None = None, *, audit: AuditSink | None = No
     app = protect(
         api,
         settings,
-        inner=[lambda inner: AuthenticationMiddleware(inner, identity)],
+        inner=[RefuseNulInUrl, lambda inner: AuthenticationMiddleware(inner, identity)],
         audit=sink,
         rate_limit_storage=storage,
     )

@@ -25,7 +25,7 @@ MAX_PAGE = 1000
 EXPORT_CHUNK = 1000
 
 
-def store(request: Request) -> AuditStore:
+async def store(request: Request) -> AuditStore:
     audit_store: AuditStore | None = getattr(request.app.state, "audit_store", None)
     if audit_store is None:
         raise ThallusError("The persistent audit log is turned off (THALLUS_AUDIT_ENABLED=false).", status_code=404)
@@ -35,7 +35,7 @@ def store(request: Request) -> AuditStore:
 StoreDep = Annotated[AuditStore, Depends(store)]
 
 
-def filters(
+async def filters(
     *,
     user_id: str | None = None,
     action: str | None = None,
