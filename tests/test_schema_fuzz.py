@@ -68,6 +68,7 @@ from tests.fuzz_support import (
     BASELINE_CSP,
     EXACT_HEADERS,
     PASSWORD,
+    PLAUSIBLE_PASSWORD,
     SAME_ORIGIN,
     Finding,
     LiveServer,
@@ -311,6 +312,7 @@ def test_schema_fuzz(backend: tuple[str, str], auth: str, tmp_path: Path) -> Non
         "access token": signed_in.access_token,
         "refresh token": signed_in.refresh_token,
         "API key": api_key,
+        "corpus's password": PLAUSIBLE_PASSWORD,  # sent to register/login/password by every run
     }
     leaks = leaked_secrets(output, secrets)
     elapsed = time.monotonic() - started
