@@ -1,13 +1,16 @@
 """Support for tests/test_schema_fuzz.py: a drained ``thallus serve``, real accounts, the response
-checks of SYSTEM.md §3/§7/§8, hostile test cases, and failure reports that can be replayed with curl.
+checks of SYSTEM.md §3/§7/§8, hostile requests, and failure reports that can be replayed with curl.
 
 * :func:`live_server` runs ``thallus serve`` (through :func:`tests.server.running_server`) and drains
   its stdout on a thread as it comes: a fuzz run logs far more than a pipe holds, and a full pipe
-  would stall the server's logging and with it every request. The collected JSON log is searched
-  by correlation ID for a 500's exception, and checked at the end for leaked secrets.
-* :func:`response_problems` is every check run on every response.
-* :func:`hostile_cases` wraps a schemathesis strategy so that lone surrogates and NUL land in JSON
-  string fields, NUL in query and path parameters, and well-formed cursors carry hostile values.
+  would stall the server's logging and with it every request (so the output is collected here rather
+  than read with ``Server.output()`` at the end). The JSON log is searched by correlation ID for a
+  failed request's exception, and checked at the end for leaked secrets (:func:`leaked_secrets`).
+* :func:`header_problems` and :func:`error_problems` are the checks run on every response.
+* :func:`hostile_corpus` is the fixed set of hostile requests for an operation, built from the OpenAPI
+  document; :func:`hostile_cases` wraps a schemathesis strategy so that generated cases carry the same
+  characters (lone surrogates and NUL in JSON string fields, NUL in query and path parameters) and
+  well-formed cursors with hostile values.
 * :class:`Finding` is one distinct failure with its curl reproduction; :func:`failure_type` gives
   each failure signature its own exception class, so Hypothesis keeps (and shrinks) every distinct
   failure of an operation separately instead of reporting only the first.

@@ -2,35 +2,44 @@
 
 Each test starts ``thallus serve`` (production profile, plain http on loopback, https origins
 configured), creates an admin user with the API-access feature and an API key with the CLI, signs in
-over HTTP, loads the service's own ``/openapi.json`` with ``schemathesis.openapi.from_url`` and sends
-every operation Hypothesis-generated requests: positive (schema-valid) and negative (schema-violating)
-data, through :func:`tests.fuzz_support.hostile_cases` so that NUL and lone surrogates reach JSON string
-fields, NUL reaches query and path parameters, and well-formed cursors carry hostile values (schemathesis
-generates NUL itself with ``allow-x00``, but never a lone surrogate: its alphabet excludes category Cs).
+over HTTP, loads the service's own ``/openapi.json`` with ``schemathesis.openapi.from_url`` and, for
+every operation, sends
+
+1. a fixed hostile corpus (:func:`tests.fuzz_support.hostile_corpus`): each JSON string field holding
+   NUL or a lone surrogate, alone and among plausible values of the other fields; NUL in each string
+   query and path parameter; cursors in the service's own encoding holding the 64-bit edges, a bool
+   and the other JSON types — whatever Hypothesis happens to draw, these are tried on every run;
+2. Hypothesis-generated requests, positive (schema-valid) and negative (schema-violating), through
+   :func:`tests.fuzz_support.hostile_cases`, which puts the same characters and cursors into generated
+   cases (schemathesis generates NUL itself with ``allow-x00``, never a lone surrogate: its alphabet
+   excludes category Cs whatever the codec).
+
 Every request carries a real credential — ``Authorization: Bearer`` in one run, ``X-API-Key`` in the
-other — and same-origin evidence (``Origin``, ``Sec-Fetch-Site``), so CSRF refuses none of them.
+other — same-origin evidence (``Origin``, ``Sec-Fetch-Site``) so that CSRF refuses none of them, and an
+``X-Correlation-ID`` of the test's own, so its log lines are found even when no response came.
 
-Every response must have: no 5xx (schemathesis's ``not_a_server_error``; the 500's exception is looked
-up in the server's JSON log by correlation ID); the §3 security headers, each once, and a valid §7
-``X-Correlation-ID``; for every error, the §8 JSON body with exactly ``error, message, details,
-correlation_id``, the type of its status, the header's correlation ID, 422 details of ``{type, loc,
-msg, input}`` that echo no password; no CSRF/CORS refusal and no 429 (the harness would be testing
-nothing); a 2xx body that conforms to its documented schema (``response_schema_conformance``); with an
-API key, never a 2xx from key management or password change (§9). At the end the server's whole log
-must not contain the password, the access or refresh token, the API key, or an ``$argon2id$`` hash.
+Every response must have: no 5xx (schemathesis's ``not_a_server_error``; the exception is looked up in
+the server's JSON log by correlation ID) and a complete body; the §3 security headers, each once, and
+the §7 ``X-Correlation-ID`` (valid, the one sent); for every error, the §8 JSON body with exactly
+``error, message, details, correlation_id``, the type of its status, the header's correlation ID, 422
+details of ``{type, loc, msg, input}`` that echo no password; no CSRF/CORS refusal and no 429 (the run
+would be testing nothing); a 2xx body that conforms to its documented schema
+(``response_schema_conformance``); with an API key, never a 2xx from key management or password change
+(§9). At the end the server's whole log must not contain the password, the access or refresh token, the
+API key, the corpus's password, or an ``$argon2id$`` hash.
 
-Not run by default (``THALLUS_TEST_FUZZ_STRICT=1`` adds them): ``status_code_conformance``,
-``content_type_conformance``, ``response_headers_conformance``, ``negative_data_rejection`` and schema
-conformance of error bodies. The OpenAPI document lists only 2xx and 422 and describes the 422 as
-FastAPI's ``{"detail": [...]}``, while the service answers 400/401/403/404/409/415 and §8 bodies
-everywhere, and the export streams CSV/JSON Lines where ``application/json`` is documented: every
-operation would fail them. That is a finding about the document, not noise to silence.
+Not run by default (``THALLUS_TEST_FUZZ_STRICT=1`` adds them for every status): ``status_code_conformance``,
+``content_type_conformance``, ``response_headers_conformance`` and ``negative_data_rejection``. The OpenAPI
+document lists only 2xx and 422, while the service answers 400/401/403/404 on nearly every operation, and
+the export streams JSON Lines or CSV where ``application/json`` is documented: the first two fail on
+nearly every operation. That is a finding about the document (src), reported, not noise to silence.
 
 Reproducible: Hypothesis runs with ``derandomize=True`` (the examples are a function of the test code,
 not of a random seed) and no example database, so two runs send the same requests. Bounded:
 ``THALLUS_TEST_FUZZ_EXAMPLES`` (default 30) examples per operation and generation mode, ``deadline=None``.
-A failure lists every distinct failure (each shrunk to its minimal form) with a curl command
-(``$TOKEN``/``$API_KEY`` stand for the run's credentials), the response body and the request's log lines.
+A failure lists every distinct failure (each shrunk to its minimal form; one per operation and signature)
+with a curl command (``$TOKEN``/``$API_KEY`` stand for the run's credentials), the response body and the
+request's log lines.
 """
 
 from __future__ import annotations
