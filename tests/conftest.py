@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +12,7 @@ from sqlalchemy.engine import URL
 
 from tests.databases import BACKENDS, create_postgres_database, drop_postgres_database, empty_postgres_database
 from tests.redis_support import delete_prefix, new_prefix, require_redis
+from thallus.logs import JsonFormatter
 
 
 @pytest.fixture(autouse=True)
@@ -61,3 +64,48 @@ def empty_postgres(postgres_database: URL) -> Iterator[URL]:
     """This run's PostgreSQL database, emptied after the test."""
     yield postgres_database
     empty_postgres_database(postgres_database)
+
+
+#: What must never appear in a log line, whoever wrote it: password hashes, raw API keys, JWTs.
+LEAK_PATTERNS = (
+    re.compile(r"\$argon2(id|i|d)\$"),
+    re.compile(r"thal_[A-Za-z0-9_-]{43}"),
+    re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}"),
+)
+
+
+class _LogRecorder(logging.Handler):
+    """Every record the suite's own processes log, formatted as the service's JSON lines (extras too)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # a record that cannot be formatted is not a leak; never fail logging
+            self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_secret_in_any_log_line() -> Iterator[None]:
+    """A test scans every log line the suite writes in process for the secrets it used (the
+    passwords, tokens and keys of tests/service.py) and for anything shaped like a hash, key or token;
+    served processes are scanned by tests.server.running_server."""
+    recorder = _LogRecorder()
+    root = logging.getLogger()
+    root.addHandler(recorder)
+    try:
+        yield
+    finally:
+        root.removeHandler(recorder)
+    from tests.service import SECRETS_USED
+
+    leaks = [
+        line[:300]
+        for line in recorder.lines
+        if any(pattern.search(line) for pattern in LEAK_PATTERNS) or any(secret in line for secret in SECRETS_USED)
+    ]
+    assert not leaks, f"{len(leaks)} log lines carry a secret, e.g. {leaks[:3]}"
