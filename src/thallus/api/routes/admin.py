@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from thallus.api.deps import AdminDep, ClientDep, IdentityDep
+from thallus.api.responses import AUTHENTICATED, error_responses
 
-router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/api/v1/admin", tags=["admin"], responses=error_responses(*AUTHENTICATED, 404))
 
 
 @router.post("/users/{user_id}/unlock", status_code=204, summary="Lift a login lockout and reset its progression")

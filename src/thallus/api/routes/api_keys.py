@@ -13,10 +13,11 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from thallus.api.deps import JSON_ONLY, ClientDep, IdentityDep, SessionDep
+from thallus.api.responses import AUTHENTICATED, error_responses
 from thallus.api.text import Text
 from thallus.identity.service import key_document, utc
 
-router = APIRouter(prefix="/api/v1/api-keys", tags=["api keys"])
+router = APIRouter(prefix="/api/v1/api-keys", tags=["api keys"], responses=error_responses(*AUTHENTICATED, 404))
 
 
 class ApiKeyCreateRequest(BaseModel):

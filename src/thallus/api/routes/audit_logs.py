@@ -14,12 +14,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from thallus.api.deps import AdminDep
+from thallus.api.responses import AUTHENTICATED, error_responses
 from thallus.audit.chain import FIELDS, timestamp
 from thallus.audit.store import AuditFilter, AuditStore
 from thallus.errors import ECHO_CHARS, ThallusError, ValidationError
 from thallus.storage.models import AuditLog
 
-router = APIRouter(prefix="/api/v1/audit-logs", tags=["audit"])
+router = APIRouter(prefix="/api/v1/audit-logs", tags=["audit"], responses=error_responses(*AUTHENTICATED, 404))
 
 MAX_PAGE = 1000
 EXPORT_CHUNK = 1000
@@ -129,7 +130,12 @@ async def list_audit_logs(
     }
 
 
-@router.get("/export", summary="Every matching record, oldest first, streamed as CSV or JSON Lines (admin)")
+@router.get(
+    "/export",
+    summary="Every matching record, oldest first, streamed as CSV or JSON Lines (admin)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}, "description": "the records"}},
+)
 async def export_audit_logs(
     admin: AdminDep,
     audit: StoreDep,

@@ -13,13 +13,14 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
 from thallus.api.deps import JSON_ONLY, ClientDep, IdentityDep, SessionDep, login_origin_check
+from thallus.api.responses import AUTHENTICATED, error_responses
 from thallus.api.text import Text
 from thallus.errors import AuthenticationError, PermissionDeniedError
 from thallus.identity.service import Identity, Login, user_document
 from thallus.identity.tokens import ACCESS_TOKEN_TTL
 from thallus.settings import AUTH_PATH, Settings
 
-router = APIRouter(prefix=AUTH_PATH, tags=["auth"])
+router = APIRouter(prefix=AUTH_PATH, tags=["auth"], responses=error_responses(*AUTHENTICATED, 409, 415))
 
 
 class RegisterRequest(BaseModel):

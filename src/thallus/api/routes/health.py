@@ -5,7 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-router = APIRouter(tags=["health"])
+from thallus.api.responses import error_responses
+
+router = APIRouter(tags=["health"], responses=error_responses(429, 500, 503))
 
 
 @router.head("/health", include_in_schema=False)

@@ -7,9 +7,10 @@ from typing import Any
 from fastapi import APIRouter
 
 from thallus.api.deps import IdentityDep, PrincipalDep
+from thallus.api.responses import AUTHENTICATED, error_responses
 from thallus.identity.service import user_document
 
-router = APIRouter(prefix="/api/v1/users", tags=["users"])
+router = APIRouter(prefix="/api/v1/users", tags=["users"], responses=error_responses(*AUTHENTICATED))
 
 
 @router.get("/me", summary="The signed-in user (session or API key)")
