@@ -102,6 +102,15 @@ from tests.fuzz_support import (
 )
 
 MAX_EXAMPLES = int(os.environ.get("THALLUS_TEST_FUZZ_EXAMPLES", "30"))
+#: Every schemathesis check that compares a response with the document.
+DOCUMENT_CHECKS: list[CheckFunction] = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
 #: SYSTEM.md §9: these need a session; an API key gets a 403.
 SESSION_ONLY = frozenset(
     {"POST /api/v1/api-keys", "GET /api/v1/api-keys", "DELETE /api/v1/api-keys/{key_id}", "POST /api/v1/auth/password"}
@@ -158,21 +167,10 @@ class Run:
     statuses: dict[str, Counter[int]] = field(default_factory=dict)
     requests: int = 0
 
-    def schemathesis_checks(self, response: Response) -> list[CheckFunction]:
-        """Every schemathesis check that compares a response with the document."""
-        return [
-            not_a_server_error,
-            status_code_conformance,
-            content_type_conformance,
-            response_headers_conformance,
-            response_schema_conformance,
-            negative_data_rejection,
-        ]
-
     def problems(self, case: AnyCase, response: Response) -> list[Problem]:
         problems: list[Problem] = []
         try:
-            case.validate_response(response, checks=self.schemathesis_checks(response))
+            case.validate_response(response, checks=DOCUMENT_CHECKS)
         except FailureGroup as group:
             for failure in group.exceptions:
                 problems.append(self._schemathesis_problem(failure, response))
