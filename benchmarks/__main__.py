@@ -11,7 +11,11 @@ Parts, in order (``--parts`` chooses, ``--quick`` shortens every run, for a firs
   memory and the Redis storage, with ratios against a bare Starlette app served the same way;
 * ``login``    — bench_login.py: sign-in under load on one ``thallus serve``: logins per second with
   1, 4 and 16 clients, then a burst of 150 concurrent logins (statuses, peak RSS growth, and the
-  latency of an API-key client meanwhile), three rounds.
+  latency of an API-key client meanwhile), three rounds;
+* ``abuse``    — bench_abuse.py: oversized bodies (200 MiB, declared and chunked, one and four at
+  once: statuses, time to the 413, the server's peak RSS) and slow sockets (500 slowloris heads,
+  500 stalled bodies, 500 held past an answer, 60 s each: /health p50/p99/max meanwhile, how many
+  sockets the server closed and how fast).
 
 The rate limiter's breakdown (bench_ratelimit.py) and the audit log at a million records
 (bench_audit.py) have their own commands; see benchmarks/README.md.
@@ -27,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts import their helpers as top-level modules
 
+import bench_abuse
 import bench_core
 import bench_identity
 import bench_login
@@ -39,6 +44,15 @@ PARTS: dict[str, tuple[Callable[[Sequence[str] | None], None], list[str], list[s
     "identity": (bench_identity.main, [], ["--seconds", "0.3", "--rounds", "3", "--logins", "5"]),
     "service": (bench_service.main, [], ["--seconds", "3", "--warmup", "1"]),
     "login": (bench_login.main, [], ["--rounds", "1", "--seconds", "3"]),
+    # --quick shortens the bounds too (header 3 s, body 4 s) so that 12 s still show them closing sockets
+    "abuse": (
+        bench_abuse.main,
+        [],
+        [
+            *("--rounds", "1", "--seconds", "12", "--sockets", "100", "--baseline", "3"),
+            *("--header-timeout", "3", "--body-timeout", "4"),
+        ],
+    ),
 }
 
 
