@@ -193,3 +193,21 @@ def test_a_body_that_stops_arriving_is_a_408() -> None:
 def test_body_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError, match="body_timeout"):
         BodyLimitMiddleware(ReadingApp(), 10, body_timeout=0)
+
+
+def test_a_body_that_trickles_is_a_408() -> None:
+    """Each byte well within the pause bound, the average far below the minimum rate."""
+
+    async def trickle() -> Message:
+        await asyncio.sleep(0.02)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(dict(message))
+
+    layer = BodyLimitMiddleware(ReadingApp(), 10_000, body_timeout=0.2, body_min_rate=1000)
+    asyncio.run(layer(http_scope("POST", "/upload", []), trickle, send))
+    assert sent[0]["status"] == 408
+    assert "slower than 1000 bytes" in json.loads(sent[1]["body"])["message"]

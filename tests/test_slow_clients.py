@@ -24,6 +24,8 @@ HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0
 KEEP_ALIVE_TIMEOUT = 1
 MAX_CONNECTIONS = 300
+MIN_RATE = 100
+LINGER = 2.0
 #: Long enough for any bound to fire, short enough that a socket left open is plainly a failure.
 GIVE_UP = 8.0
 
@@ -41,6 +43,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "THALLUS_BODY_TIMEOUT": str(BODY_TIMEOUT),
         "THALLUS_KEEP_ALIVE_TIMEOUT": str(KEEP_ALIVE_TIMEOUT),
         "THALLUS_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "THALLUS_MAX_CONNECTIONS_PER_CLIENT": "0",  # every socket here comes from 127.0.0.1
+        "THALLUS_BODY_MIN_RATE": str(MIN_RATE),
         "THALLUS_RATE_LIMIT_ENABLED": "false",
     }
     with running_server(environment) as running:
@@ -160,6 +164,65 @@ def test_a_body_that_stops_arriving_ends_the_request(server: Server, request_hea
     assert BODY_TIMEOUT * 0.8 <= waited < GIVE_UP
 
 
+def test_a_trickled_body_is_cut_off_by_the_minimum_rate(server: Server) -> None:
+    """A byte every 0.3 s never pauses for the body timeout; its average rate ends it."""
+    head = (
+        b"POST /api/v1/auth/login HTTP/1.1\r\nHost: api.example.com\r\nContent-Type: application/json\r\n"
+        b"Origin: https://api.example.com\r\nContent-Length: 100000\r\n\r\n"
+    )
+    with connect(server) as sock:
+        sock.sendall(head)
+        sock.settimeout(0.3)
+        started = time.monotonic()
+        response = b""
+        while time.monotonic() - started < GIVE_UP:
+            try:
+                sock.sendall(b"a")
+                response += sock.recv(65536)
+                if response.endswith(b"}"):
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+    assert_error(response, 408, "RequestTimeoutError")
+    assert "slower than" in parse(response)[2]["message"]  # type: ignore[operator]
+    assert time.monotonic() - started < BODY_TIMEOUT + 2
+
+
+def test_a_body_sent_on_after_an_early_answer_does_not_hold_the_connection(server: Server) -> None:
+    """A 413 before the body was read: the client keeps sending, the server closes after lingering."""
+    head = (
+        b"POST /api/v1/auth/login HTTP/1.1\r\nHost: api.example.com\r\nContent-Type: application/json\r\n"
+        b"Origin: https://api.example.com\r\nContent-Length: 999999999\r\n\r\n"
+    )
+    with connect(server) as sock:
+        sock.sendall(head)
+        sock.settimeout(0.2)
+        started = time.monotonic()
+        response, closed = b"", False
+        while time.monotonic() - started < GIVE_UP:
+            try:
+                sock.sendall(b"x" * 1024)
+            except OSError:
+                closed = True
+                break
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+                break
+            if not chunk and response:
+                closed = True  # our read side saw the server's shutdown; it closes soon after
+            response += chunk
+            time.sleep(0.05)
+    assert_error(response, 413, "PayloadTooLargeError")
+    assert closed, "the connection was still open"
+    assert time.monotonic() - started < LINGER + 3
+
+
 def test_connections_beyond_the_cap_get_a_json_503(server: Server) -> None:
     """Idle sockets up to the cap; the next connection is refused in the §8 shape, /health recovers."""
     sockets = []
@@ -194,3 +257,33 @@ def test_slowloris_sockets_are_closed_and_health_still_answers(server: Server) -
         statuses = [httpx.get(server.url + "/health", timeout=5).status_code for _ in range(20)]
         assert all(closed)
     assert statuses == [200] * 20
+
+
+@pytest.mark.parametrize("behind_proxy", [False, True])
+def test_one_client_cannot_take_every_connection(tmp_path: Path, behind_proxy: bool) -> None:
+    """Per client network (not for a trusted proxy, which carries everyone's connections)."""
+    environment = {
+        "THALLUS_ENV": "production",
+        "THALLUS_SECRET_KEY": "s" * 48,
+        "THALLUS_ALLOWED_ORIGINS": "https://app.example.com",
+        "THALLUS_PUBLIC_ORIGIN": "https://api.example.com",
+        "THALLUS_DATA_DIR": str(tmp_path),
+        "THALLUS_MAX_CONNECTIONS_PER_CLIENT": "10",
+    }
+    if behind_proxy:
+        environment["THALLUS_TRUSTED_PROXIES"] = "127.0.0.1"
+    with running_server(environment) as server:
+        sockets = [connect(server) for _ in range(10)]
+        try:
+            time.sleep(0.2)
+            with connect(server) as extra:
+                extra.sendall(b"GET /health HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+                response = extra.recv(65536)
+        finally:
+            for sock in sockets:
+                sock.close()
+    if behind_proxy:
+        assert response.startswith(b"HTTP/1.1 200")
+    else:
+        assert_error(response, 503, "ServiceUnavailableError")
+        assert b"This client has too many open connections" in response

@@ -17,9 +17,11 @@ The limit (``max_body_bytes``, ``THALLUS_MAX_BODY_BYTES``, 1 MiB by default) can
 ``route_limits`` maps a path, or a prefix ending in ``*``, to its own limit (longest match wins).
 
 A body that stops arriving is bounded too: when the application waits more than ``body_timeout``
-seconds (``THALLUS_BODY_TIMEOUT``, 30) for the next chunk, the request ends with a §8
-``408 RequestTimeoutError``, answered the same way, and the server closes the connection, whose
-request never completed (a client that declared more than it sends, or an endless trickle).
+seconds (``THALLUS_BODY_TIMEOUT``, 30) for the next chunk, or a body still arriving after that long
+has averaged less than ``body_min_rate`` bytes a second (``THALLUS_BODY_MIN_RATE``, 500 — Apache
+``mod_reqtimeout``'s ``MinRate``: a trickle of a byte every few seconds never pauses long enough
+for the first rule), the request ends with a §8 ``408 RequestTimeoutError``, answered the same
+way, and the server closes the connection, whose request never completed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from thallus.errors import PayloadTooLargeError, ThallusError, send_thallus_erro
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_BODY_MIN_RATE = 500
 CONTENT_LENGTH = b"content-length"
 
 
@@ -77,17 +80,41 @@ def timed_out(seconds: float) -> RequestTimeoutError:
     return RequestTimeoutError(f"The request body stopped arriving for {seconds:g} seconds.")
 
 
+def too_slow(rate: int) -> RequestTimeoutError:
+    return RequestTimeoutError(f"The request body arrived slower than {rate} bytes a second.")
+
+
 class LimitedBody:
     """One request's ``receive`` and ``send``: the body counted against ``limit``, each wait for a
     chunk bounded by ``timeout``; after a refusal, the application's own answer is replaced by it."""
 
-    __slots__ = ("_receive", "_send", "limit", "received", "refusal", "replacing", "started", "timeout")
+    __slots__ = (
+        "_receive",
+        "_send",
+        "began",
+        "limit",
+        "min_rate",
+        "received",
+        "refusal",
+        "replacing",
+        "started",
+        "timeout",
+    )
 
-    def __init__(self, receive: Receive, send: Send, limit: int, timeout: float = DEFAULT_BODY_TIMEOUT) -> None:
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        limit: int,
+        timeout: float = DEFAULT_BODY_TIMEOUT,
+        min_rate: int = DEFAULT_BODY_MIN_RATE,
+    ) -> None:
         self._receive = receive
         self._send = send
         self.limit = limit
         self.timeout = timeout
+        self.min_rate = min_rate
+        self.began = -1.0  # when the application first asked for the body
         self.received = 0
         self.refusal: ThallusError | None = None
         self.started = False
@@ -96,6 +123,9 @@ class LimitedBody:
     async def receive(self) -> Message:
         if self.refusal is not None:
             raise self.refusal
+        loop = asyncio.get_running_loop()
+        if self.began < 0:
+            self.began = loop.time()
         try:
             async with asyncio.timeout(self.timeout):
                 message = await self._receive()
@@ -107,6 +137,11 @@ class LimitedBody:
             if self.received > self.limit:
                 self.refusal = too_large(self.limit)
                 raise self.refusal
+            if self.min_rate and message.get("more_body", False):
+                elapsed = loop.time() - self.began
+                if elapsed > self.timeout and self.received < self.min_rate * elapsed:
+                    self.refusal = too_slow(self.min_rate)
+                    raise self.refusal
         return message
 
     async def send(self, message: Message) -> None:
@@ -140,12 +175,16 @@ class BodyLimitMiddleware:
         *,
         route_limits: Mapping[str, int] | None = None,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        body_min_rate: int = DEFAULT_BODY_MIN_RATE,
     ) -> None:
         if body_timeout <= 0:
             raise ValueError("body_timeout must be positive")
+        if body_min_rate < 0:
+            raise ValueError("body_min_rate must be 0 or more")
         self.app = app
         self.limits = BodyLimit(max_body_bytes, route_limits or {})
         self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -156,7 +195,7 @@ class BodyLimitMiddleware:
         if declared is not None and over_limit(declared, limit):
             await send_thallus_error(send, too_large(limit))
             return
-        body = LimitedBody(receive, send, limit, self.body_timeout)
+        body = LimitedBody(receive, send, limit, self.body_timeout, self.body_min_rate)
         try:
             await self.app(scope, body.receive, body.send)
         except ThallusError as exc:

@@ -10,8 +10,15 @@ security headers. :class:`GuardedH11Protocol` is uvicorn's h11 protocol with two
   request on it, the request line and headers must be complete within ``THALLUS_HEADER_TIMEOUT``
   seconds (10); otherwise the client gets a §8 ``408 RequestTimeoutError`` and the connection is
   closed (nginx's ``client_header_timeout``, Apache's ``mod_reqtimeout``);
-* **a connection cap** — beyond ``THALLUS_MAX_CONNECTIONS`` open connections per worker, a new
-  connection is answered with a §8 ``503 ServiceUnavailableError`` (``Retry-After``) and closed.
+* **connection caps** — beyond ``THALLUS_MAX_CONNECTIONS`` open connections per worker, or
+  ``THALLUS_MAX_CONNECTIONS_PER_CLIENT`` from one client (its network, as the rate limiter counts
+  it; not applied to a trusted proxy, which carries everyone's connections), a new connection is
+  answered with a §8 ``503 ServiceUnavailableError`` (``Retry-After``) and closed — so one client
+  cannot take every slot;
+* **a lingering close** — a response that went out before its request's body was read (a 413, a
+  429, a 408) ends the connection: the write side is shut, what the client still sends is read and
+  dropped for at most ``LINGER_SECONDS`` (so the answer is not lost to a reset), then it is closed.
+  uvicorn would keep reading such a body for ever, each byte postponing its keep-alive timeout.
 
 Both answers are written straight to the socket, with the security headers and a fresh
 correlation ID, because no request exists yet to run through the layers. A body that stops
@@ -25,10 +32,13 @@ real ``thallus serve``, so a uvicorn release that changes this fails there first
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import ipaddress
 import logging
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -36,11 +46,18 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from thallus.correlation import uuid7
 from thallus.errors import error_body
 from thallus.headers import HeaderPolicy
+from thallus.ratelimit import IPNetwork, client_network, parse_networks
 from thallus.settings import Settings
 
 logger = logging.getLogger("thallus.connections")
 
 PROTOCOL = "thallus.connections:GuardedH11Protocol"
+
+
+#: How long a connection whose request body was not read stays open after its response, dropping
+#: what arrives (Apache's lingering close waits up to 2 s; nginx's lingering_time is 30 s).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +66,32 @@ class Bounds:
 
     header_timeout: float
     max_connections: int
+    max_per_client: int  # 0: no per-client cap
+    trusted_proxies: tuple[IPNetwork, ...]
+    ipv4_prefix: int
+    ipv6_prefix: int
     headers: tuple[tuple[bytes, bytes], ...]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Bounds:
         policy = HeaderPolicy.from_settings(settings)
-        return cls(settings.header_timeout, settings.max_connections, policy.no_store_headers)
+        return cls(
+            settings.header_timeout,
+            settings.max_connections,
+            settings.max_connections_per_client,
+            parse_networks(settings.trusted_proxies),
+            settings.rate_limit_ipv4_prefix,
+            settings.rate_limit_ipv6_prefix,
+            policy.no_store_headers,
+        )
+
+    def client_key(self, peer: str) -> str | None:
+        """What the per-client cap counts a peer as; ``None`` for a trusted proxy (not capped)."""
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(peer)
+            if any(address in network for network in self.trusted_proxies):
+                return None
+        return client_network(peer, self.ipv4_prefix, self.ipv6_prefix)
 
     def response(self, status: int, error: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
         """A complete HTTP/1.1 error response in the §8 shape that closes the connection."""
@@ -80,32 +117,59 @@ def bounds() -> Bounds:
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a header deadline and a connection cap (module docstring)."""
+    """uvicorn's HTTP/1.1 protocol with a header deadline, connection caps and a lingering close
+    (module docstring)."""
 
     _header_deadline: asyncio.TimerHandle | None = None
     _socket: asyncio.BaseTransport | None = None
-    #: This worker's open connections (one event loop per worker, so a plain counter).
+    _client_key: str | None = None
+    _lingering = 0  # bytes dropped since the response went out before the body was read; -1: not lingering
+    #: This worker's open connections, in all and per client (one event loop per worker: plain counts).
     open_connections = 0
+    per_client: ClassVar[dict[str, int]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
         self._socket = transport
+        self._lingering = -1
         GuardedH11Protocol.open_connections += 1
         limits = bounds()
+        peer = transport.get_extra_info("peername")
+        key = limits.client_key(str(peer[0])) if isinstance(peer, tuple) and peer else None
+        if key is not None:
+            self._client_key = key
+            GuardedH11Protocol.per_client[key] = GuardedH11Protocol.per_client.get(key, 0) + 1
         if GuardedH11Protocol.open_connections > limits.max_connections:
             logger.warning("connection refused: %s connections open (the cap)", limits.max_connections)
-            self._answer_and_close(
-                limits.response(
-                    503,
-                    "ServiceUnavailableError",
-                    "The server has too many open connections; try again shortly.",
-                    ((b"retry-after", b"1"),),
-                )
-            )
+            self._refuse("The server has too many open connections; try again shortly.")
+            return
+        if limits.max_per_client and key is not None and GuardedH11Protocol.per_client[key] > limits.max_per_client:
+            logger.warning("connection refused: a client has %s connections open (its cap)", limits.max_per_client)
+            self._refuse("This client has too many open connections; close some and try again.")
             return
         self._arm_header_deadline()
 
+    def _refuse(self, message: str) -> None:
+        self._answer_and_close(bounds().response(503, "ServiceUnavailableError", message, ((b"retry-after", b"1"),)))
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        socket = self._socket
+        if socket is None or socket.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+            return
+        # answered before the body was read: shut our side, drop the rest for a moment, close
+        self._lingering = 0
+        self._disarm_header_deadline()
+        if isinstance(socket, asyncio.WriteTransport) and socket.can_write_eof():
+            socket.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, socket.close)
+
     def data_received(self, data: bytes) -> None:
+        if self._lingering >= 0:
+            self._lingering += len(data)
+            if self._lingering > LINGER_BYTES and self._socket is not None:
+                self._socket.close()
+            return
         super().data_received(data)
         if self.conn.their_state is h11.IDLE:  # a request head is (still) on its way
             if self._header_deadline is None and self._socket is not None and not self._socket.is_closing():
@@ -117,6 +181,13 @@ class GuardedH11Protocol(H11Protocol):
         if self._socket is not None:
             self._socket = None
             GuardedH11Protocol.open_connections -= 1
+            key = self._client_key
+            if key is not None:
+                left = GuardedH11Protocol.per_client.get(key, 1) - 1
+                if left > 0:
+                    GuardedH11Protocol.per_client[key] = left
+                else:
+                    GuardedH11Protocol.per_client.pop(key, None)
         self._disarm_header_deadline()
         super().connection_lost(exc)
 

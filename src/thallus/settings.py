@@ -147,6 +147,12 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1000, ge=1, le=1_000_000, description="thallus serve: open connections per worker; more get a 503"
     )
+    max_connections_per_client: int = Field(
+        100, ge=0, le=1_000_000, description="thallus serve: open connections per client network; 0: no cap"
+    )
+    body_min_rate: int = Field(
+        500, ge=0, description="bytes/s a body must average once it has taken THALLUS_BODY_TIMEOUT; 0: no minimum"
+    )
     route_max_body_bytes: Annotated[dict[str, int], NoDecode] = Field(
         default_factory=dict, description="per-route body limits: '/path=bytes,/prefix*=bytes'"
     )

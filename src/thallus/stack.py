@@ -87,6 +87,7 @@ def protect(
         settings.max_body_bytes,
         route_limits=settings.route_max_body_bytes,
         body_timeout=settings.body_timeout,
+        body_min_rate=settings.body_min_rate,
     )
     if settings.rate_limit_enabled:
         wrapped = RateLimitMiddleware(
@@ -241,7 +242,9 @@ class ProtectedApp:
                     await send_thallus_error(app_send, too_large(limit))
                     refused = True
                 else:  # a refusal raised from receive is answered by the boundary, as a ThallusError
-                    body = LimitedBody(receive, app_send, limit, self.body_limit.body_timeout)
+                    body = LimitedBody(
+                        receive, app_send, limit, self.body_limit.body_timeout, self.body_limit.body_min_rate
+                    )
                     receive, app_send = body.receive, body.send
             csrf = self.csrf
             if refused:
