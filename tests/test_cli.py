@@ -54,8 +54,8 @@ def test_config_show_production() -> None:
         "Secure; HttpOnly; SameSite=Strict; Path=/api/v1/auth",
         "CSRF: strict",
         "Clients counted per IPv4 /32, IPv6 /64",
-        "Request bodies: at most 1048576 bytes; 408 after a 30 s pause",
-        "Connections (thallus serve): headers within 10 s, idle 5 s, at most 1000 per worker",
+        "Request bodies: at most 1048576 bytes; 408 after a 30 s pause or, after that long, below 500 B/s",
+        "Connections (thallus serve): headers within 10 s, idle 5 s, at most 1000 per worker and 100 per client",
         "Password hashing: Argon2id, 65536 KiB, t=3, p=4; at most",
         "No Sec-Fetch-Site, Origin or Referer: 403",
     ]:

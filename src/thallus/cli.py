@@ -103,11 +103,13 @@ def effective_policy(settings: Settings) -> dict[str, Any]:
             "max_body_bytes": settings.max_body_bytes,
             "route_max_body_bytes": dict(settings.route_max_body_bytes),
             "body_timeout": settings.body_timeout,
+            "body_min_rate": settings.body_min_rate,
         },
         "connections": {
             "header_timeout": settings.header_timeout,
             "keep_alive_timeout": settings.keep_alive_timeout,
             "max_connections_per_worker": settings.max_connections,
+            "max_connections_per_client": settings.max_connections_per_client,
         },
         "password_hashing": {
             "algorithm": "argon2id",
@@ -179,9 +181,15 @@ def _print_policy(policy: dict[str, Any]) -> None:
         "",
         f"Request bodies: at most {bodies['max_body_bytes']} bytes"
         + (f" ({routes})" if routes else "")
-        + f"; 408 after a {bodies['body_timeout']:g} s pause",
+        + f"; 408 after a {bodies['body_timeout']:g} s pause"
+        + (f" or, after that long, below {bodies['body_min_rate']} B/s" if bodies["body_min_rate"] else ""),
         f"Connections (thallus serve): headers within {connections['header_timeout']:g} s, idle "
-        f"{connections['keep_alive_timeout']} s, at most {connections['max_connections_per_worker']} per worker",
+        f"{connections['keep_alive_timeout']} s, at most {connections['max_connections_per_worker']} per worker"
+        + (
+            f" and {connections['max_connections_per_client']} per client"
+            if connections["max_connections_per_client"]
+            else ""
+        ),
     ]
     hashing = policy["password_hashing"]
     lines += [
