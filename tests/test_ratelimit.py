@@ -16,7 +16,7 @@ from tests.conftest import RedisTarget
 from tests.service import RecordingSink
 from thallus import Settings, protect
 from thallus._asgi import ASGIApp
-from thallus.ratelimit import RateLimitMiddleware, client_ip, client_network, create_storage, parse_networks
+from thallus.ratelimit import RateLimitMiddleware, _network, client_ip, client_network, create_storage, parse_networks
 
 SPA = "https://app.example.com"
 
@@ -109,6 +109,17 @@ def test_client_ip_ignores_forwarded_by_default() -> None:
 )
 def test_client_network(address: str, ipv4_prefix: int, ipv6_prefix: int, expected: str) -> None:
     assert client_network(address, ipv4_prefix, ipv6_prefix) == expected
+
+
+NEAR_ADDRESSES = st.text(alphabet="0123456789abcdef.:/%", max_size=45)
+
+
+@given(st.one_of(st.ip_addresses().map(str), NEAR_ADDRESSES), st.integers(1, 32), st.integers(1, 128))
+def test_client_network_without_parsing_agrees_with_parsing(address: str, ipv4_prefix: int, ipv6_prefix: int) -> None:
+    """The IPv4 /32 shortcut (text without a colon is its own key) and the cache change no answer."""
+    parsed = _network.__wrapped__(address, ipv4_prefix, ipv6_prefix)
+    assert client_network(address, ipv4_prefix, ipv6_prefix) == parsed
+    assert client_network(address, ipv4_prefix, ipv6_prefix) == parsed, "the same from the cache"
 
 
 def test_one_ipv6_network_shares_a_limit() -> None:

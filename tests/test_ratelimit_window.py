@@ -1,50 +1,51 @@
-"""One storage call per request: the hit and the window it leaves, on memory and on a real Redis.
+"""The sliding-window counter, on memory and on a real Redis: exact headers, limits' answers, bounds.
 
-The single call must answer exactly what limits' two calls (``hit``, then ``get_window_stats``)
-answer: same refusals, same ``remaining``, same ``reset``, refused hits not consuming, on the same
-keys. A fake clock (limits' and Thallus's ``time.time``) makes every header value exact.
+A fake clock (``time.time`` of Thallus's store and of limits' reference) makes every header value
+exact. The reference is limits' own sliding-window counter (``SlidingWindowCounterRateLimiter``
+over its ``MemoryStorage``, windows aligned to the epoch as ours): every hit must be taken or
+refused as there, with the same ``remaining`` and ``reset``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
+import random
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import coredis
-import limits.aio.storage.redis.coredis
 import limits.storage.memory
+import limits.strategies
 import pytest
-from limits.aio.storage import MemoryStorage as AsyncMemoryStorage
-from limits.aio.storage import RedisStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from limits.aio.storage import MemoryStorage as LimitsAsyncMemoryStorage
+from limits.storage import MemoryStorage as LimitsMemoryStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
 
-import thallus.ratelimit
+import thallus.limiter_store
 from tests.apps import ok_app
 from tests.asgi import acall, http_scope
 from tests.conftest import RedisTarget
 from tests.redis_support import new_prefix
 from tests.tcp_proxy import TcpProxy, tcp_proxy
 from thallus._asgi import ASGIApp
-from thallus.ratelimit import (
-    MemoryBackend,
-    MemoryWindow,
-    RateLimitMiddleware,
-    RedisWindow,
-    TwoCallWindow,
-    WindowHit,
-    create_storage,
-    moving_window,
-    parse_limit,
-)
+from thallus.limiter_store import LimitsCounter, MemoryCounter, MemoryStore, RedisStore, WindowHit
+from thallus.ratelimit import RateLimitMiddleware, create_storage, parse_limit
 
-START = 1_700_000_000.0
+#: The start of a one-minute window (28,333,333 × 60 s since the epoch).
+START = 1_699_999_980.0
 CLIENT = "203.0.113.7"
+THREE = parse_limit("3/minute")
 
 
 class Clock:
@@ -60,17 +61,46 @@ class Clock:
         return getattr(time, name)
 
 
-#: Four requests against a limit of 3: status and remaining count of each.
-FOUR_HITS_AT_THREE = [(200, "r=2"), (200, "r=1"), (200, "r=0"), (429, "r=0")]
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """Every ``time.time()`` of the moving window (limits' stores, Thallus's limiter) reads this clock."""
+    """Every ``time.time()`` of Thallus's stores and of limits' reference reads this clock."""
     fake = Clock(START)
-    for module in (limits.storage.memory, limits.aio.storage.redis.coredis, thallus.ratelimit):
+    for module in (thallus.limiter_store, limits.storage.memory, limits.strategies):
         monkeypatch.setattr(module, "time", fake)
     return fake
+
+
+@contextmanager
+def limits_clock(fake: Clock) -> Iterator[None]:
+    """limits' reference on ``fake`` (for hypothesis tests, which cannot take ``monkeypatch``)."""
+    modules = [vars(limits.storage.memory), vars(limits.strategies)]
+    originals = [module["time"] for module in modules]
+    for module in modules:
+        module["time"] = fake
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals, strict=True):
+            module["time"] = original
+
+
+class Reference:
+    """limits' own sliding-window counter: ``hit``, then ``get_window_stats``, on its MemoryStorage."""
+
+    def __init__(self) -> None:
+        self.limiter = SlidingWindowCounterRateLimiter(LimitsMemoryStorage())
+
+    def hit(self, limit: Any, key: str, now: float) -> WindowHit:
+        taken = self.limiter.hit(limit, key)
+        stats = self.limiter.get_window_stats(limit, key)
+        return taken, stats.remaining, math.ceil(stats.reset_time - now)
+
+
+def same_answer(ours: WindowHit, theirs: WindowHit, now: float) -> bool:
+    """Equal answers. At the very instant a window starts, limits reports ``reset`` 0 for this
+    window's hits (its ``current_ttl % expiry`` is 0 there); they start to lose weight when the
+    window ends, as ours says."""
+    return ours == theirs or (now % 60 == 0 and ours[:2] == theirs[:2] and theirs[2] == 0)
 
 
 @dataclass(frozen=True)
@@ -79,7 +109,7 @@ class Backend:
     url: str | None
     prefix: str
 
-    def storage(self) -> Storage:
+    def storage(self) -> MemoryStore | RedisStore:
         """A fresh storage; create it inside the scenario's event loop (coredis binds to it)."""
         return create_storage(self.url, self.prefix)
 
@@ -92,12 +122,8 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return Backend("redis", target.url, target.prefix)
 
 
-def limiter(storage: Storage, prefix: str, *, two_calls: bool = False) -> RateLimitMiddleware:
-    """A 3/minute limiter; with ``two_calls``, on limits' ``hit`` + ``get_window_stats`` (the old path)."""
-    app = RateLimitMiddleware(ok_app, storage, general="3/minute", key_prefix=prefix)
-    if two_calls:
-        app.window = TwoCallWindow(storage)
-    return app
+def limiter(storage: Any, prefix: str, limit: str = "3/minute") -> RateLimitMiddleware:
+    return RateLimitMiddleware(ok_app, storage, general=limit, key_prefix=prefix)
 
 
 async def request(app: ASGIApp, client: str = CLIENT) -> tuple[int, str | None, str | None]:
@@ -116,95 +142,145 @@ def refused(seconds: int) -> tuple[int, str, str]:
     return 429, f'"general";r=0;t={seconds}', "60"
 
 
-#: (seconds after START, the answer) for a 3/minute limit. The hits refused at 3 s and 4 s take
-#: nothing: at 60.5 s the hit of 0 s has left the window and one place is free again.
+#: (seconds after START, the answer) for 3/minute. The first hit starts the client's window;
+#: ``t`` is the seconds until ``r`` grows; on a 429, until a request is taken again. In the second
+#: window the first one's 3 hits weigh 3 × (seconds left) / 60, and a hit is taken while floor(that)
+#: + this window's hits < 3.
 SCHEDULE = [
-    (0.0, ok(2, 60)),
-    (1.0, ok(1, 59)),
-    (2.0, ok(0, 58)),
-    (3.0, refused(57)),
-    (4.0, refused(56)),
-    (60.5, ok(0, 1)),  # window: 1, 2, 60.5 — resets when the hit of 1 s leaves, at 61 s
-    (61.5, ok(0, 1)),  # window: 2, 60.5, 61.5
-    (62.5, ok(0, 58)),  # window: 60.5, 61.5, 62.5
-    (63.0, refused(58)),
-    (125.0, ok(2, 60)),  # all gone
+    (0.0, ok(2, 60)),  # r grows when this window ends and its hits start to lose weight
+    (10.0, ok(1, 50)),
+    (20.0, ok(0, 40)),
+    (30.0, refused(30)),  # refused hits count nothing
+    (59.0, refused(1)),
+    (60.5, ok(0, 20)),  # 3 × 59.5/60 = 2.975 → 2 + 0 < 3; the weight falls below 2 at 80 s
+    (61.0, refused(19)),  # 3 × 59/60 = 2.95 → 2 + 1
+    (80.5, ok(0, 20)),  # 1.975 → 1 + 1 < 3; below 1 at 100 s
+    (100.5, ok(0, 20)),  # 0.975 → 0 + 2 < 3; this window's 3 hits start to fall at 120 s
+    (101.0, refused(19)),
+    (121.0, ok(0, 19)),  # third window: the second's 3 hits, 3 × 59/60 → 2 + 0; below 2 at 140 s
+    (250.0, ok(2, 60)),  # no hit for two windows: forgotten, this hit starts a window
 ]
 
 
-def test_the_middleware_makes_one_call_on_thallus_storages(backend: Backend) -> None:
-    async def scenario() -> None:
-        storage = backend.storage()
-        app = limiter(storage, backend.prefix)
-        assert isinstance(app.window, MemoryWindow if backend.name == "memory" else RedisWindow)
-
-    asyncio.run(scenario())
-
-
-def test_single_call_answers_as_the_two_calls_did(backend: Backend, clock: Clock) -> None:
-    async def scenario() -> tuple[list[Any], list[Any]]:
-        storage = backend.storage()
-        single = limiter(storage, f"{backend.prefix}/one")
-        double = limiter(storage, f"{backend.prefix}/two", two_calls=True)
-        answers: tuple[list[Any], list[Any]] = ([], [])
-        for offset, _ in SCHEDULE:
-            clock.now = START + offset
-            answers[0].append(await request(single))
-            answers[1].append(await request(double))
-        return answers
-
-    single, double = asyncio.run(scenario())
-    assert single == [answer for _, answer in SCHEDULE]
-    assert double == single
-
-
-def test_single_call_never_calls_limits_two_operations(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    storage_type = MemoryBackend if backend.name == "memory" else RedisStorage
-    for name in ("acquire_entry", "get_moving_window"):
-        original = getattr(storage_type, name)
-
-        async def spy(self: Storage, *args: Any, _name: str = name, _original: Any = original) -> Any:
-            calls.append(_name)
-            return await _original(self, *args)
-
-        monkeypatch.setattr(storage_type, name, spy)
-
+def test_headers_are_exact(backend: Backend, clock: Clock) -> None:
     async def scenario() -> list[Any]:
         app = limiter(backend.storage(), backend.prefix)
-        return [await request(app) for _ in range(4)]
+        answers = []
+        for offset, _ in SCHEDULE:
+            clock.now = START + offset
+            answers.append(await request(app))
+        return answers
 
-    answers = asyncio.run(scenario())
-    assert [(status, (header or "").split(";")[1]) for status, header, _ in answers] == FOUR_HITS_AT_THREE
-    assert calls == []
+    assert asyncio.run(scenario()) == [answer for _, answer in SCHEDULE]
 
 
-def test_concurrent_hits_each_see_their_own_window(backend: Backend) -> None:
-    """Hit and window read are one atomic step: every hit taken reports a different ``remaining``."""
+def test_every_hit_is_answered_as_limits_answers_it(backend: Backend, clock: Clock) -> None:
+    """400 hits of two clients at random times over five windows: taken, remaining and reset as limits'.
+
+    Both start at a window start of limits' (the epoch's) and never pause for a window, so their
+    windows are limits' windows."""
+    chance = random.Random(7)
+    times = [0.0, 0.0, *sorted(chance.uniform(0, 300) for _ in range(400))]
+    clients = ["198.51.100.1", "198.51.100.2", *(chance.choice(("198.51.100.1", "198.51.100.2")) for _ in times[2:])]
+    limit = parse_limit("20/minute")
+    reference = Reference()
+
+    async def scenario() -> list[tuple[WindowHit, WindowHit]]:
+        counter = backend.storage().counter("reference", limit)
+        pairs = []
+        for offset, client in zip(times, clients, strict=True):
+            clock.now = START + offset
+            pairs.append((await counter.hit(client), reference.hit(limit, client, clock.now)))
+        return pairs
+
+    pairs = asyncio.run(scenario())
+    assert all(same_answer(ours, theirs, START + offset) for (ours, theirs), offset in zip(pairs, times, strict=True))
+    assert {taken for (taken, _, _), _ in pairs} == {True, False}, "the schedule reaches the limit"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 60 * 64 - 1), min_size=1, max_size=120), st.integers(1, 12))
+def test_memory_answers_as_limits_answers(gaps: list[int], amount: int) -> None:
+    """Any schedule (in 1/64 s, from a window start of limits', never pausing for a whole window),
+    any limit: the memory counter answers each hit as limits does."""
+    limit = parse_limit(f"{amount}/minute")
+    counter, reference = MemoryCounter(amount, 60), Reference()
+    fake = Clock(START)
+    with limits_clock(fake):
+        for tick in itertools.accumulate(gaps, initial=0):
+            fake.now = START + tick / 64
+            assert same_answer(counter.take("client", fake.now), reference.hit(limit, "client", fake.now), fake.now)
+
+
+# -- the worst case ---------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5 * 60 * 64), min_size=1, max_size=200), st.integers(1, 10))
+def test_no_schedule_beats_the_burst_bound(ticks: list[int], amount: int) -> None:
+    """In any d ≤ W seconds at most limit + ceil(limit × d / W) hits are taken: limit + 1 in an
+    instant across a window boundary, 2 × limit within a window's length."""
+    counter = MemoryCounter(amount, 60)
+    taken = [tick / 64 for tick in sorted(ticks) if counter.take("client", START + tick / 64)[0]]
+    for first, start in enumerate(taken):
+        for last in range(first, len(taken)):
+            span = taken[last] - start
+            if span > 60:
+                break
+            assert last - first + 1 <= amount + math.ceil(amount * span / 60)
+
+
+def test_the_burst_bound_is_reached() -> None:
+    """The worst case, built: a client's second window used only at its very end, one more hit an
+    instant later, then one each time those hits' weight falls — 2 × limit within 60 s."""
+    counter = MemoryCounter(10, 60)
+    assert counter.take("client", START)[0]  # its windows: [0, 60), [60, 120), [120, 180) …
+    end = START + 120
+    assert [counter.take("client", end - 0.01)[0] for _ in range(11)] == [True] * 10 + [False]
+    assert [counter.take("client", end + 0.01)[0] for _ in range(2)] == [True, False], "limit + 1 in 0.02 s"
+    later = [end + tick / 4 for tick in range(1, 4 * 60)]
+    taken = [moment for moment in later if counter.take("client", moment)[0]]
+    assert len(taken) == 9, "the other 9 of the third window's 10"
+    assert taken[-1] - (end - 0.01) < 60, "20 hits within one window's length"
+
+
+def test_a_client_idle_for_two_windows_starts_afresh() -> None:
+    counter = MemoryCounter(3, 60)
+    assert [counter.take("client", START + second) for second in (0, 1, 2)] == [
+        (True, 2, 60),
+        (True, 1, 59),
+        (True, 0, 58),
+    ]
+    assert counter.take("client", START + 119) == (True, 2, 1), "its second window: 3 × 1/60 weighs nothing"
+    assert counter.take("client", START + 240) == (True, 2, 60), "two windows (from 60 s) without a hit"
+
+
+# -- one call, many callers ----------------------------------------------------------------------
+
+
+def test_concurrent_hits_each_see_their_own_count(backend: Backend) -> None:
+    """Hit and read are one atomic step: every hit taken reports a different ``remaining``."""
     limit = parse_limit("20/minute")
 
     async def scenario() -> list[WindowHit]:
-        # three storages: three clients, as three instances would have (memory: one shared store)
+        # three storages: three instances (memory: one shared store)
         storages = [backend.storage()] * 3 if backend.name == "memory" else [backend.storage() for _ in range(3)]
-        windows = [moving_window(storage) for storage in storages]
-        return list(
-            await asyncio.gather(*(windows[i % 3].hit(limit, backend.prefix, "general", CLIENT) for i in range(30)))
-        )
+        counters = [storage.counter(backend.prefix, limit) for storage in storages]
+        return list(await asyncio.gather(*(counters[i % 3].hit(CLIENT) for i in range(30))))
 
     hits = asyncio.run(scenario())
-    taken = [hit.remaining for hit in hits if hit.allowed]
-    assert sorted(taken) == list(range(20))
-    assert [hit.remaining for hit in hits if not hit.allowed] == [0] * 10
+    assert sorted(remaining for taken, remaining, _ in hits if taken) == list(range(20))
+    assert [remaining for taken, remaining, _ in hits if not taken] == [0] * 10
 
 
-def test_memory_hit_and_window_is_thread_safe() -> None:
-    storage = MemoryBackend()
-    results: list[tuple[bool, float, int]] = []
+def test_memory_counter_is_thread_safe() -> None:
+    counter = MemoryCounter(50, 60)
+    results: list[WindowHit] = []
     lock = threading.Lock()
 
     def hammer() -> None:
         for _ in range(25):
-            result = storage.hit_and_window("key", 50, 60)
+            result = counter.take("key", START + 1)
             with lock:
                 results.append(result)
 
@@ -213,38 +289,104 @@ def test_memory_hit_and_window_is_thread_safe() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(entries for allowed, _, entries in results if allowed) == list(range(1, 51))
-    assert all(entries == 50 for allowed, _, entries in results if not allowed)
+    assert sorted(remaining for taken, remaining, _ in results if taken) == list(range(50))
+    assert all(remaining == 0 for taken, remaining, _ in results if not taken)
 
 
-def test_memory_hit_and_window_without_limits_key_locks_uses_its_own() -> None:
-    storage = MemoryBackend()
-    storage._locks = None  # a limits whose store no longer has per-key locks
-    assert [storage.hit_and_window("key", 2, 60)[::2] for _ in range(3)] == [(True, 1), (True, 2), (False, 2)]
+def test_limiters_on_one_prefix_share_the_count(backend: Backend, clock: Clock) -> None:
+    """Two instances (two storages on one Redis; one memory store): one budget, exact headers throughout."""
 
-
-# -- Redis: the same keys as limits, reloading, outages ------------------------------------------
-
-
-def test_single_and_two_call_instances_share_the_count_on_redis(redis_target: RedisTarget, clock: Clock) -> None:
-    """A rolling upgrade: an instance on the single call and one on limits' two calls count the same keys."""
-
-    async def scenario() -> tuple[list[Any], int]:
-        prefix = redis_target.prefix
-        new = limiter(create_storage(redis_target.url, prefix), prefix)
-        old = limiter(create_storage(redis_target.url, prefix), prefix, two_calls=True)
+    async def scenario() -> list[Any]:
+        if backend.name == "memory":
+            storage = backend.storage()
+            first, second = limiter(storage, backend.prefix), limiter(storage, backend.prefix)
+        else:
+            first, second = limiter(backend.storage(), backend.prefix), limiter(backend.storage(), backend.prefix)
         answers = []
-        for offset, app in ((0.0, new), (1.0, old), (2.0, new), (3.0, old), (4.0, new)):
+        for (offset, _), app in zip(SCHEDULE, [first, second] * len(SCHEDULE), strict=False):
             clock.now = START + offset
             answers.append(await request(app))
-        stats = await MovingWindowRateLimiter(create_storage(redis_target.url, prefix)).get_window_stats(
-            parse_limit("3/minute"), prefix, "general", CLIENT
-        )
-        return answers, stats.remaining
+        return answers
 
-    answers, remaining = asyncio.run(scenario())
-    assert answers == [answer for _, answer in SCHEDULE[:5]]
-    assert remaining == 0, "limits' own window read sees the single call's hits"
+    assert asyncio.run(scenario()) == [answer for _, answer in SCHEDULE]
+
+
+def test_a_clock_that_went_back_counts_in_the_newest_window(backend: Backend, clock: Clock) -> None:
+    """An instance whose clock lags one that started the next window counts in that window."""
+
+    async def scenario() -> list[WindowHit]:
+        counter = backend.storage().counter(backend.prefix, THREE)
+        clock.now = START + 60.5
+        hits = [await counter.hit(CLIENT)]
+        clock.now = START + 59.5  # behind: still the first window by this clock
+        return [*hits, await counter.hit(CLIENT), await counter.hit(CLIENT), await counter.hit(CLIENT)]
+
+    assert asyncio.run(scenario()) == [(True, 2, 60), (True, 1, 60), (True, 0, 60), (False, 0, 60)]
+
+
+# -- cost: memory, threads, round trips ------------------------------------------------------------
+
+
+def test_memory_per_client_is_constant_and_no_thread_starts() -> None:
+    """50,000 clients: one entry each whatever their hits; no thread, no timer."""
+    threads = threading.active_count()
+    counter = MemoryCounter(1_000_000, 60)
+    clients = [f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}" for i in range(50_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for client in clients:
+            counter.take(client, START + 1)
+        one_hit = tracemalloc.get_traced_memory()[0] - before
+        for _ in range(20):
+            for client in clients[:1000]:
+                counter.take(client, START + 2)
+        twenty_more = tracemalloc.get_traced_memory()[0] - before - one_hit
+    finally:
+        tracemalloc.stop()
+    assert len(counter) == 50_000
+    assert one_hit / 50_000 < 250, f"{one_hit / 50_000:.0f} bytes per client"
+    assert twenty_more < 1000, "more hits by the same clients take no memory"
+    assert counter.take(clients[0], START + 3)[1] == 1_000_000 - 22
+    assert threading.active_count() == threads
+
+
+def test_stale_clients_are_swept_by_later_hits_without_a_thread() -> None:
+    threads = threading.active_count()
+    counter = MemoryCounter(100, 60)
+    for i in range(1000):
+        counter.take(f"198.51.100.{i}", START + 1)
+    for seconds in (61, 121):  # while their windows may still count, the 1000 are kept
+        counter.take("203.0.113.1", START + seconds)
+        assert len(counter) == 1001
+    counter.take("203.0.113.1", START + 181)  # three periods on: forgotten, and each hit deletes two
+    assert len(counter) == 999
+    for tenth in range(499):
+        counter.take("203.0.113.1", START + 182 + tenth / 10)
+    assert len(counter) == 1, "only the active client is left"
+    assert threading.active_count() == threads
+
+
+def test_one_redis_command_per_request(redis_target: RedisTarget, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands: list[bytes] = []
+    execute = coredis.Redis.execute_command
+
+    async def counting(self: coredis.Redis[Any], command: Any, *args: Any, **options: Any) -> Any:
+        commands.append(bytes(command.name))
+        return await execute(self, command, *args, **options)
+
+    async def scenario() -> list[Any]:
+        app = limiter(create_storage(redis_target.url, redis_target.prefix), redis_target.prefix, "100/minute")
+        await request(app)  # connects (the handshake is not a request's)
+        monkeypatch.setattr(coredis.Redis, "execute_command", counting)
+        return [await request(app) for _ in range(10)]
+
+    answers = asyncio.run(scenario())
+    assert [status for status, _, _ in answers] == [200] * 10
+    assert commands == [b"EVALSHA"] * 10, "the hit and everything the headers need: one round trip"
+
+
+# -- Redis: reloading, outages ----------------------------------------------------------------------
 
 
 def test_redis_script_is_loaded_again_after_a_flush(redis_target: RedisTarget) -> None:
@@ -294,15 +436,25 @@ def test_redis_outage_fails_open_and_the_count_resumes(
     assert "not enforced" in errors[0].getMessage()
 
 
-# -- any other storage -------------------------------------------------------------------------
+# -- the stores, and any limits storage -----------------------------------------------------------
 
 
-def test_other_storages_keep_the_two_calls() -> None:
+def test_create_storage_gives_memory_or_redis() -> None:
+    assert isinstance(create_storage(None, "t"), MemoryStore)
+    assert isinstance(create_storage("redis://127.0.0.1:6379/0", "t"), RedisStore)
+
+
+def test_any_limits_storage_goes_through_limits_own_strategy() -> None:
     async def scenario() -> list[Any]:
-        storage = AsyncMemoryStorage()
+        storage = LimitsAsyncMemoryStorage()
         app = limiter(storage, "other")
-        assert isinstance(app.window, TwoCallWindow)
+        assert isinstance(app.general.counter, LimitsCounter)
         return [await request(app) for _ in range(4)]
 
     answers = asyncio.run(scenario())
-    assert [(status, (header or "").split(";")[1]) for status, header, _ in answers] == FOUR_HITS_AT_THREE
+    assert [(status, (header or "").split(";")[1]) for status, header, _ in answers] == [
+        (200, "r=2"),
+        (200, "r=1"),
+        (200, "r=0"),
+        (429, "r=0"),
+    ]

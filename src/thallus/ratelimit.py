@@ -1,15 +1,17 @@
 """Rate limiting per client network (SYSTEM.md §10, layer 5 of §2).
 
-A moving-window limiter from the ``limits`` library, in process memory by default, in Redis when
-``THALLUS_REDIS_URL`` is set, so limits hold across every instance:
+``limits``' sliding-window counter (:mod:`thallus.limiter_store`), in process memory by default, in
+Redis when ``THALLUS_REDIS_URL`` is set, so limits hold across every instance:
 
 * **Requests.** A general limit (``THALLUS_RATE_LIMIT``, default ``120/minute``) and a stricter one
   on the authentication endpoints (``THALLUS_RATE_LIMIT_AUTH``, ``10/minute``), per client;
   ``/health`` and ``/metrics`` are exempt. Exceeding one answers ``429 RateLimitError`` at once,
   with ``Retry-After`` (the limit's window, 60 s for a per-minute limit) and the IETF draft
-  ``RateLimit-Policy`` / ``RateLimit`` headers, which every response of a limited route carries.
-  If the storage is unreachable, limits fail open (one error log line a minute). Each request
-  makes one storage call that takes the hit and reads the window (:func:`moving_window`).
+  ``RateLimit-Policy`` / ``RateLimit`` headers, which every response of a limited route carries:
+  ``r`` the requests still allowed now, ``t`` the seconds until that number grows (on a 429, until
+  a request is allowed again), both exact. If the storage is unreachable, limits fail open (one
+  error log line a minute). Each request makes one storage call: a few dictionary operations in
+  memory, one round trip to Redis.
 * **Client address.** The peer address. The forwarding header named by ``THALLUS_PROXY_HEADER``
   (``X-Forwarded-For``, the default, or RFC 7239 ``Forwarded``; never both) counts only when the
   peer is a trusted proxy (``THALLUS_TRUSTED_PROXIES``); then the right-most hop that is not a
@@ -18,34 +20,53 @@ A moving-window limiter from the ``limits`` library, in process memory by defaul
   32), IPv6 per /64 (``THALLUS_RATE_LIMIT_IPV6_PREFIX``, 64) — :func:`client_network`. Audit
   records keep the full address.
 
-The login lockout, which counts per account rather than per client, is
+``Retry-After`` stays the window although the counter knows the real wait (the ``t`` of the same
+429): SYSTEM.md §10 asks for ``Retry-After: 60`` here and for "the real seconds left" only for the
+login lockout, and a client that honours it comes back after the policy's window instead of polling
+at the refill rate. The login lockout, which counts per account rather than per client, is
 :mod:`thallus.identity.lockout`.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import math
-import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 from limits import RateLimitItem, parse
-from limits.aio.storage import MovingWindowSupport, RedisStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
-from limits.storage import MemoryStorage as SyncMemoryStorage
-from limits.storage import storage_from_string
 
 from thallus._asgi import ASGIApp, Message, Receive, Scope, Send, collect_headers, scope_state
 from thallus.audit import AuditEvent, AuditSink, request_fields
 from thallus.errors import send_error
+from thallus.limiter_store import (
+    Counter,
+    MemoryCounter,
+    MemoryStore,
+    RateLimitStorage,
+    RedisStore,
+    WindowHit,
+    create_storage,
+    window_store,
+)
 
-if TYPE_CHECKING:
-    from limits.aio.storage.redis.coredis import CoredisBridge
+__all__ = [
+    "CLIENT_IP_STATE_KEY",
+    "MemoryStore",
+    "RateLimitMiddleware",
+    "RateLimitStorage",
+    "RedisStore",
+    "WindowHit",
+    "client_ip",
+    "client_network",
+    "create_storage",
+    "parse_limit",
+    "parse_networks",
+]
 
 logger = logging.getLogger("thallus.ratelimit")
 
@@ -156,7 +177,23 @@ def client_network(address: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -
     request, so per-address IPv6 limits do not exist; an IPv4-mapped IPv6 address
     (``::ffff:192.0.2.1``, a dual-stack socket's view of an IPv4 client) is that IPv4 client.
     Text that is not an address (``unknown``, a unix socket path) is its own key.
+
+    Per address (the IPv4 default), text without a colon is its own key as it stands: it is either
+    no address or an IPv4 address, whose only accepted spelling is the one ``str()`` gives back
+    (``ipaddress`` refuses leading zeros and anything but four decimal octets). Everything else is
+    parsed once and remembered (:func:`_network`).
     """
+    if ipv4_prefix == 32 and ":" not in address:
+        return address
+    return _network(address, ipv4_prefix, ipv6_prefix)
+
+
+#: Addresses whose network :func:`_network` remembers (least recently used forgotten first).
+NETWORK_CACHE_SIZE = 65_536
+
+
+@functools.lru_cache(maxsize=NETWORK_CACHE_SIZE)
+def _network(address: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -168,231 +205,55 @@ def client_network(address: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -
     return str(ip) if ipv6_prefix == 128 else str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
 
 
-# -- the shared backend -----------------------------------------------------------------------
+# -- the limiter ------------------------------------------------------------------------------
 
 
-class MemoryBackend(Storage, MovingWindowSupport):
-    """``limits``' thread-safe in-process store behind the async storage interface.
-
-    limits 5.8's own async ``MemoryStorage`` sweeps expired keys with one ``asyncio.to_thread`` hop
-    per key, restarted by every hit: ~50 µs a request under load, and a whole sweep (tens of ms with a
-    thousand client keys) for the first request after a pause (measured: benchmarks/bench_ratelimit.py).
-    The synchronous store answers from memory in microseconds, never waits, and sweeps in its own
-    timer thread, so calling it from the event loop is safe.
-    """
-
-    STORAGE_SCHEME = ["thallus+memory"]  # noqa: RUF012 - the limits base class declares it so
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._store = SyncMemoryStorage()
-        # limits' per-key re-entrant locks (an internal of its store); without them, one lock of our own
-        self._locks: Mapping[str, AbstractContextManager[object]] | None = getattr(self._store, "locks", None)
-        self._own_lock = threading.RLock()
-
-    @property
-    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
-        return ValueError
-
-    async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
-        return self._store.incr(key, expiry, amount)
-
-    async def get(self, key: str) -> int:
-        return self._store.get(key)
-
-    async def get_expiry(self, key: str) -> float:
-        return self._store.get_expiry(key)
-
-    async def check(self) -> bool:
-        return self._store.check()
-
-    async def reset(self) -> int | None:
-        return self._store.reset()
-
-    async def clear(self, key: str) -> None:
-        self._store.clear(key)
-
-    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
-        return self._store.acquire_entry(key, limit, expiry, amount)
-
-    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
-        return self._store.get_moving_window(key, limit, expiry)
-
-    def hit_and_window(self, key: str, limit: int, expiry: int) -> tuple[bool, float, int]:
-        """Acquire one entry, then read the window (start, entries), both under the key's lock.
-
-        The same two calls limits makes, but in one step, so no other thread's hit or expiry sweep
-        falls between them (the lock is re-entrant, so the calls' own locking still works).
-        """
-        with self._lock(key):
-            allowed = self._store.acquire_entry(key, limit, expiry)
-            start, entries = self._store.get_moving_window(key, limit, expiry)
-        return allowed, start, entries
-
-    def _lock(self, key: str) -> AbstractContextManager[object]:
-        return self._locks[key] if self._locks is not None else self._own_lock
-
-
-def create_storage(redis_url: str | None, key_prefix: str) -> Storage:
-    """``limits`` storage: memory, or Redis (``redis://`` / ``rediss://``) with a key prefix."""
-    if not redis_url:
-        return MemoryBackend()
-    scheme, _, rest = redis_url.partition("://")
-    uri = f"async+{scheme}://{rest}" if not scheme.startswith("async+") else redis_url
-    storage = storage_from_string(uri, key_prefix=key_prefix, connect_timeout=2, stream_timeout=2)
-    assert isinstance(storage, Storage)
-    return storage
-
-
-# -- one hit with the window it leaves ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class WindowHit:
-    """One hit on a moving window: taken or refused, and the window right after it."""
-
-    allowed: bool
-    remaining: int
-    reset_time: float  # seconds since the epoch when the window's oldest entry leaves it
-
-
-class MovingWindow(Protocol):
-    """Takes one hit on a moving-window limit and reports the window (``RateLimitMiddleware``'s need)."""
-
-    async def hit(self, item: RateLimitItem, *identifiers: str) -> WindowHit: ...
-
-
-class TwoCallWindow:
-    """Any ``limits`` moving-window storage: ``hit``, then ``get_window_stats`` — two storage calls."""
-
-    def __init__(self, storage: Storage) -> None:
-        self.limiter = MovingWindowRateLimiter(storage)
-
-    async def hit(self, item: RateLimitItem, *identifiers: str) -> WindowHit:
-        allowed = await self.limiter.hit(item, *identifiers)
-        stats = await self.limiter.get_window_stats(item, *identifiers)
-        return WindowHit(allowed, stats.remaining, stats.reset_time)
-
-
-class MemoryWindow:
-    """:class:`MemoryBackend`: hit and window read in one call under the key's lock."""
-
-    def __init__(self, storage: MemoryBackend) -> None:
-        self.storage = storage
-
-    async def hit(self, item: RateLimitItem, *identifiers: str) -> WindowHit:
-        expiry = item.get_expiry()
-        allowed, start, entries = self.storage.hit_and_window(item.key_for(*identifiers), item.amount, expiry)
-        return WindowHit(allowed, item.amount - entries, start + expiry)
-
-
-#: limits' ``acquire_moving_window.lua`` followed by its ``moving_window.lua``, run as one script on
-#: the same list (newest timestamp first, at most ``limit`` entries, expiring after the window) with
-#: the same timestamp. Returns ``{acquired, entries}`` or, with entries, ``{acquired, entries, oldest}``
-#: (``oldest`` as a string: Lua numbers reach the client as integers).
-HIT_AND_WINDOW_LUA = """
-local timestamp = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local expiry = tonumber(ARGV[3])
-local target = timestamp - expiry
-
-local acquired = 0
-local entry = redis.call('lindex', KEYS[1], limit - 1)
-if limit >= 1 and not (entry and tonumber(entry) >= target) then
-    redis.call('lpush', KEYS[1], timestamp)
-    redis.call('ltrim', KEYS[1], 0, limit - 1)
-    redis.call('expire', KEYS[1], expiry)
-    acquired = 1
-end
-
-local low, high, index = 0, limit - 1, nil
-while low <= high do
-    local mid = math.floor((low + high) / 2)
-    local value = tonumber(redis.call('lindex', KEYS[1], mid))
-    if value and value >= target then
-        index = mid
-        low = mid + 1
-    else
-        high = mid - 1
-    end
-end
-
-if index then
-    return {acquired, index + 1, tostring(tonumber(redis.call('lindex', KEYS[1], index)))}
-end
-return {acquired, 0}
-"""
-
-
-class RedisWindow:
-    """limits' coredis Redis storage: hit and window read in one Lua script, one ``EVALSHA``.
-
-    It uses limits' own client, key prefix and key layout (``bridge.get_connection()``,
-    ``bridge.prefixed_key``), so instances on this path and on the two-call path count the same
-    keys. Those are limits internals (not its documented API): :func:`moving_window` checks for
-    them and otherwise falls back to :class:`TwoCallWindow`. The script is registered once with
-    coredis, which loads it again on ``NOSCRIPT`` (a restarted or flushed server).
-    """
-
-    def __init__(self, bridge: CoredisBridge) -> None:
-        self.bridge = bridge
-        self.script = bridge.get_connection().register_script(HIT_AND_WINDOW_LUA)
-
-    async def hit(self, item: RateLimitItem, *identifiers: str) -> WindowHit:
-        expiry = item.get_expiry()
-        timestamp = time.time()
-        key = self.bridge.prefixed_key(item.key_for(*identifiers))
-        reply = await self.script.execute([key], [timestamp, item.amount, expiry])
-        assert isinstance(reply, list)
-        entries = int(reply[1])
-        start = float(reply[2]) if entries else timestamp
-        return WindowHit(bool(reply[0]), item.amount - entries, start + expiry)
-
-
-def moving_window(storage: Storage) -> MovingWindow:
-    """The one-call hit-and-window for ``storage`` when it has one, else limits' two calls."""
-    if isinstance(storage, MemoryBackend):
-        return MemoryWindow(storage)
-    bridge = _coredis_bridge(storage)
-    return RedisWindow(bridge) if bridge is not None else TwoCallWindow(storage)
-
-
-def _coredis_bridge(storage: Storage) -> CoredisBridge | None:
-    """limits' coredis bridge of a Redis storage, if it still looks as :class:`RedisWindow` needs."""
-    try:
-        from limits.aio.storage.redis.coredis import CoredisBridge
-    except ImportError:  # a limits that moved it: the two calls
-        return None
-    bridge = getattr(storage, "bridge", None)
-    if (
-        isinstance(storage, RedisStorage)
-        and isinstance(bridge, CoredisBridge)
-        and callable(getattr(bridge, "get_connection", None))
-        and callable(getattr(bridge, "prefixed_key", None))
-    ):
-        return bridge
-    return None
+#: ``RateLimit`` values a policy keeps once built (a look-up instead of formatting per request).
+#: 120/minute has at most 121 × 61 of them; a larger policy formats those past the first 8,192.
+STATE_CACHE_SIZE = 8192
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
+    """One limit: its name, its counts and its header values."""
+
     name: str
     limit: RateLimitItem
-    policy_header: bytes
+    counter: Counter
+    #: the counter's synchronous hit where it has one (memory: no coroutine per request)
+    take: Callable[[str], WindowHit] | None
+    #: ``RateLimit-Policy: "<name>";q=<limit>;w=<window seconds>``
+    policy_header: tuple[bytes, bytes] = field(repr=False)
+    #: ``RateLimit`` values built so far, by ``(remaining, reset)``
+    states: dict[tuple[int, int], bytes] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, name: str, limit: RateLimitItem) -> Policy:
-        window = limit.get_expiry()
-        return cls(name, limit, f'"{name}";q={limit.amount};w={window}'.encode())
+    def of(cls, name: str, limit: RateLimitItem, storage: RateLimitStorage, key_prefix: str) -> Policy:
+        counter = window_store(storage).counter(f"{key_prefix}/{name}", limit)
+        take = counter.take if isinstance(counter, MemoryCounter) else None
+        value = f'"{name}";q={limit.amount};w={limit.get_expiry()}'.encode()
+        return cls(name, limit, counter, take, (b"ratelimit-policy", value))
+
+    def state(self, remaining: int, reset: int) -> bytes:
+        """The ``RateLimit`` value: ``"<name>";r=<remaining>;t=<reset>`` (kept in :attr:`states`)."""
+        value = f'"{self.name}";r={remaining};t={reset}'.encode()
+        if len(self.states) < STATE_CACHE_SIZE:
+            self.states[remaining, reset] = value
+        return value
 
 
 class RateLimitMiddleware:
-    """Pure-ASGI per-IP limiter (layer 5 of SYSTEM.md §2)."""
+    """Pure-ASGI per-IP limiter (layer 5 of SYSTEM.md §2).
+
+    ``storage`` is :func:`create_storage`'s (memory or Redis), or any ``limits`` async storage that
+    supports the sliding-window counter (then two storage calls a request, through limits' own
+    strategy). Limiters on one storage with the same ``key_prefix`` share their counts.
+    """
 
     def __init__(
         self,
         app: ASGIApp,
-        storage: Storage,
+        storage: RateLimitStorage,
         *,
         general: str = "120/minute",
         auth: str = "10/minute",
@@ -410,9 +271,8 @@ class RateLimitMiddleware:
         if not (1 <= ipv4_prefix <= 32 and 1 <= ipv6_prefix <= 128):
             raise ValueError("ipv4_prefix must be 1–32 and ipv6_prefix 1–128")
         self.app = app
-        self.window = moving_window(storage)
-        self.general = Policy.of("general", parse_limit(general))
-        self.auth = Policy.of("auth", parse_limit(auth))
+        self.general = Policy.of("general", parse_limit(general), storage, key_prefix)
+        self.auth = Policy.of("auth", parse_limit(auth), storage, key_prefix)
         self.auth_paths = tuple(auth_paths)
         self.exempt_paths = frozenset(exempt_paths)
         self.trusted_proxies = parse_networks(trusted_proxies)
@@ -434,26 +294,26 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         policy = self.auth if path.startswith(self.auth_paths) else self.general
+        network = client_network(address, self.ipv4_prefix, self.ipv6_prefix)
         try:
-            network = client_network(address, self.ipv4_prefix, self.ipv6_prefix)
-            hit = await self.window.hit(policy.limit, self.key_prefix, policy.name, network)
+            take = policy.take
+            taken, remaining, reset = take(network) if take is not None else await policy.counter.hit(network)
         except Exception as exc:  # storage unreachable: fail open, say so (rarely)
             self._log_failure(exc)
             await self.app(scope, receive, send)
             return
-        reset = max(0, math.ceil(hit.reset_time - time.time()))
         headers = (
-            (b"ratelimit-policy", policy.policy_header),
-            (b"ratelimit", f'"{policy.name}";r={hit.remaining};t={reset}'.encode()),
+            policy.policy_header,
+            (b"ratelimit", policy.states.get((remaining, reset)) or policy.state(remaining, reset)),
         )
-        if not hit.allowed:
+        if not taken:
             await self._refuse(scope, send, policy, address, headers)
             return
 
-        async def send_with_headers(message: Message) -> None:
+        def send_with_headers(message: Message) -> Awaitable[None]:  # no coroutine of its own per message
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), *headers]
-            await send(message)
+            return send(message)
 
         await self.app(scope, receive, send_with_headers)
 

@@ -26,8 +26,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from limits.aio.storage import Storage
-
 from thallus._asgi import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from thallus.audit import AuditSink
 from thallus.audit.middleware import AuditRequestMiddleware
@@ -52,7 +50,7 @@ from thallus.errors import (
     send_thallus_error,
 )
 from thallus.headers import HeaderPolicy, SecurityHeadersMiddleware
-from thallus.ratelimit import RateLimitMiddleware, create_storage
+from thallus.ratelimit import RateLimitMiddleware, RateLimitStorage, create_storage
 from thallus.settings import Settings
 
 Layer = Callable[[ASGIApp], ASGIApp]
@@ -64,7 +62,7 @@ def protect(
     *,
     inner: Sequence[Layer] = (),
     audit: AuditSink | None = None,
-    rate_limit_storage: Storage | None = None,
+    rate_limit_storage: RateLimitStorage | None = None,
 ) -> ProtectedApp:
     """Wrap any ASGI application in the core protection layers configured by ``settings``.
 
@@ -72,8 +70,8 @@ def protect(
     FastAPI application also gets §8 handlers for its own HTTP and validation errors
     (:func:`~thallus.errors.install_error_handlers`); any other application's non-JSON error
     responses are rewritten by the error boundary. ``audit`` receives ``csrf_rejected``,
-    ``cors_rejected`` and ``rate_limited`` events; ``rate_limit_storage`` (a ``limits`` storage)
-    defaults to memory, or Redis when ``THALLUS_REDIS_URL`` is set.
+    ``cors_rejected`` and ``rate_limited`` events; ``rate_limit_storage`` (``create_storage``'s, or any
+    ``limits`` async storage) defaults to memory, or Redis when ``THALLUS_REDIS_URL`` is set.
     """
     settings = settings or Settings.load()
     if _is_starlette(app):
