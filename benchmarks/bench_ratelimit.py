@@ -695,6 +695,12 @@ class CommandCounter:
         server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._forward(reader, writer)
+        except (asyncio.CancelledError, OSError):  # closing down, or a client gone
+            writer.close()
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
 
         async def requests() -> None:
@@ -714,7 +720,7 @@ class CommandCounter:
                 await writer.drain()
             writer.close()
 
-        await asyncio.gather(requests(), replies(), return_exceptions=True)
+        await asyncio.gather(requests(), replies())
 
     def url(self, url: str) -> str:
         """``url`` with this proxy as its host and port."""

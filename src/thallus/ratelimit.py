@@ -279,6 +279,7 @@ class RateLimitMiddleware:
         self.proxy_header = proxy_header
         self.ipv4_prefix = ipv4_prefix
         self.ipv6_prefix = ipv6_prefix
+        self._per_ipv4_address = ipv4_prefix == 32
         self.key_prefix = key_prefix
         self.audit = audit
         self._last_failure_log = -math.inf
@@ -287,14 +288,22 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        address = client_ip(scope, self.trusted_proxies, self.proxy_header)
+        if self.trusted_proxies:
+            address = client_ip(scope, self.trusted_proxies, self.proxy_header)
+        else:  # client_ip's answer when no proxy is trusted: the peer
+            client = scope.get("client")
+            address = str(client[0]) if client and client[0] else "unknown"
         scope_state(scope)[CLIENT_IP_STATE_KEY] = address  # the full address, for audit records
         path: str = scope.get("path", "")
         if path in self.exempt_paths:
             await self.app(scope, receive, send)
             return
         policy = self.auth if path.startswith(self.auth_paths) else self.general
-        network = client_network(address, self.ipv4_prefix, self.ipv6_prefix)
+        # client_network's own shortcut (an IPv4 client counted per address is its own key), inlined
+        if self._per_ipv4_address and ":" not in address:
+            network = address
+        else:
+            network = client_network(address, self.ipv4_prefix, self.ipv6_prefix)
         try:
             take = policy.take
             taken, remaining, reset = take(network) if take is not None else await policy.counter.hit(network)
