@@ -345,7 +345,9 @@ def test_memory_per_client_is_constant_and_no_thread_starts() -> None:
     finally:
         tracemalloc.stop()
     assert len(counter) == 50_000
-    assert one_hit / 50_000 < 250, f"{one_hit / 50_000:.0f} bytes per client"
+    assert one_hit / 50_000 < 160, (
+        f"{one_hit / 50_000:.0f} bytes per client (94 measured: a slots object and its dict entry)"
+    )
     assert twenty_more < 1000, "more hits by the same clients take no memory"
     assert counter.take(clients[0], START + 3)[1] == 1_000_000 - 22
     assert threading.active_count() == threads

@@ -44,7 +44,7 @@ import math
 import threading
 import time
 from math import ceil, floor
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from limits import RateLimitItem
 from limits.aio.storage import Storage
@@ -59,8 +59,17 @@ if TYPE_CHECKING:
 #: A plain tuple: the limiter builds one per request.
 WindowHit = tuple[bool, int, int]
 
-#: A client's counts in memory: ``[window start (epoch seconds), previous count, current count]``.
-Record = list[Any]
+
+class Record:
+    """A client's counts in memory: one object (slots inline), so a hit touches little memory."""
+
+    __slots__ = ("current", "previous", "start")
+
+    def __init__(self, start: float) -> None:
+        self.start = start  # when the client's current window started (epoch seconds)
+        self.previous = 0  # hits taken in the window before
+        self.current = 0  # hits taken in this one
+
 
 #: Entries of retired periods each memory hit deletes: more than the one a hit can add, so the
 #: retired periods empty while traffic lasts.
@@ -128,23 +137,22 @@ class MemoryCounter:
             record = self._recent.get(key) or self._record(key, now)
             if self._retired:
                 self._sweep()
-            start, previous, current = record
-            elapsed = now - start
+            elapsed = now - record.start
             if elapsed >= window:  # the client's window has ended: the next one, or afresh after two
                 if elapsed < 2 * window:
-                    start += window
-                    previous, current = current, 0
+                    record.start += window
+                    record.previous, record.current = record.current, 0
                 else:
-                    start, previous, current = now, 0, 0
-                record[0], record[1], record[2] = start, previous, current
-                elapsed = now - start
+                    record.start, record.previous, record.current = now, 0, 0
+                elapsed = now - record.start
+            previous, current = record.previous, record.current
             left = window - elapsed if elapsed > 0 else window  # a clock behind the window's start: at it
             decayed = floor(previous * left / window)
             used = decayed + current
             limit = self.limit
             taken = used < limit
             if taken:
-                record[2] = current + 1
+                record.current = current + 1
                 used += 1
         finally:
             lock.release()
@@ -158,7 +166,7 @@ class MemoryCounter:
             if record is not None:
                 break
         else:
-            record = [now, 0, 0]
+            record = Record(now)
         self._recent[key] = record
         return record
 
