@@ -217,10 +217,10 @@ class RedisTarget:
         return redacted_url(self.url)
 
 
-async def connect_redis(url: str, *, skip: bool) -> RedisTarget:
+async def connect_redis(url: str, *, skip: str | None) -> RedisTarget:
     target = RedisTarget(url, f"thallus-bench-{os.getpid()}-{secrets.token_hex(4)}")
     if skip:
-        target.skipped = "--no-redis"
+        target.skipped = skip
         return target
     try:
         client: coredis.Redis[bytes] = coredis.Redis.from_url(url, connect_timeout=2, stream_timeout=2)
@@ -1181,9 +1181,10 @@ def isolate_environment(names: Iterable[str]) -> None:
 
 
 async def run(options: argparse.Namespace, redis_url: str, limiter_log: LimiterLog) -> None:
-    wants_redis = bool(options.parts & {"stacks", "redis"}) and not options.no_redis
-    redis = await connect_redis(redis_url, skip=not wants_redis)
-    if redis.skipped and wants_redis:
+    wanted = bool(options.parts & {"stacks", "redis"})
+    skip = "--no-redis" if options.no_redis else None if wanted else "not among --parts"
+    redis = await connect_redis(redis_url, skip=skip)
+    if redis.skipped and skip is None:
         progress(f"Redis rows skipped: {redis.skipped}")
     found = candidates()
     if not HAVE_THROTTLED:
