@@ -7,11 +7,17 @@ Parts, in order (``--parts`` chooses, ``--quick`` shortens every run, for a firs
 * ``identity`` — bench_identity.py: what an API key (warm cache), a Bearer token and a login cost
   in the full reference service (in-process);
 * ``service``  — bench_service.py: the reference service under uvicorn on loopback, driven by
-  ``wrk``: /health, an API-key GET, a POST with the audit log off and on, rate limiting with the
-  memory and the Redis storage, with ratios against a bare Starlette app served the same way;
+  ``wrk``: /health, an API-key GET and a Bearer GET with each limiter storage (memory, Redis) on
+  each database (SQLite, PostgreSQL), a POST with the audit log off and on, rate limiting with the
+  memory and the Redis storage, with ratios against a bare Starlette app and against the anchor (a
+  plain FastAPI app with PyJWT and in-memory dicts) served the same way;
 * ``login``    — bench_login.py: sign-in under load on one ``thallus serve``: logins per second with
   1, 4 and 16 clients, then a burst of 150 concurrent logins (statuses, peak RSS growth, and the
   latency of an API-key client meanwhile), three rounds;
+* ``revocation`` — bench_revocation.py: how fast a revocation through one instance reaches another:
+  100 revocations (sessions and API keys, alternating) with two ``thallus serve`` on PostgreSQL and
+  with two workers on SQLite, p50/p99/max of the delay and the revoking instance's next request,
+  two rounds;
 * ``abuse``    — bench_abuse.py: oversized bodies (200 MiB, declared and chunked, one and four at
   once: statuses, time to the 413, the server's peak RSS) and slow sockets (500 slowloris heads,
   500 stalled bodies, 500 held past an answer, 60 s each: /health p50/p99/max meanwhile, how many
@@ -35,6 +41,7 @@ import bench_abuse
 import bench_core
 import bench_identity
 import bench_login
+import bench_revocation
 import bench_service
 from common import progress
 
@@ -44,6 +51,7 @@ PARTS: dict[str, tuple[Callable[[Sequence[str] | None], None], list[str], list[s
     "identity": (bench_identity.main, [], ["--seconds", "0.3", "--rounds", "3", "--logins", "5"]),
     "service": (bench_service.main, [], ["--seconds", "3", "--warmup", "1"]),
     "login": (bench_login.main, [], ["--rounds", "1", "--seconds", "3"]),
+    "revocation": (bench_revocation.main, [], ["--rounds", "1", "--revocations", "20"]),
     # --quick shortens the bounds too (header 3 s, body 4 s) so that 12 s still show them closing sockets
     "abuse": (
         bench_abuse.main,

@@ -1,27 +1,43 @@
-"""The whole reference service under uvicorn, loaded over loopback by ``wrk``, against a bare app.
+"""The whole reference service under uvicorn, loaded over loopback by ``wrk``, against a bare app
+and an anchor.
 
 Every server is a real process with one uvicorn worker on a free 127.0.0.1 port, all started
 up-front and stopped at the end (also after a failure or Ctrl-C):
 
 * ``bare`` — ``benchmarks/bare_service.py``, a plain Starlette app with the same paths, methods and
-  statuses, started with ``python -m uvicorn`` (no access log, no ``Server`` header, no proxy
-  headers: what ``thallus serve`` passes to uvicorn); the denominator of every ratio;
+  statuses, answered from constants, started with ``python -m uvicorn`` (no access log, no
+  ``Server`` header, no proxy headers: what ``thallus serve`` passes to uvicorn); the ``×bare``
+  denominator;
+* ``anchor`` — ``benchmarks/anchor_service.py``, a plain FastAPI app served the same way:
+  ``/health``, and ``/api/v1/users/me`` for a Bearer token verified with PyJWT (HS256 pinned, the
+  ``kid`` header, the claims Thallus issues required) and looked up in an in-memory user dict, or
+  for an ``X-API-Key`` looked up in an in-memory dict: the least an application does to answer the
+  same authenticated request; the ``×anchor`` denominator. Its ``/health`` is a bare FastAPI app's;
 * ``thallus serve`` (``tests.server.running_server``), ``THALLUS_ENV=test``, limits of
-  ``10000000/minute`` so that nothing is refused, each in a temporary ``THALLUS_DATA_DIR`` (SQLite;
-  a user and an API key made there by ``thallus users create`` / ``thallus keys create`` when a run
-  sends the key): ``default`` (audit on, rate limits in memory: the shipped configuration),
-  ``audit_off`` (``THALLUS_AUDIT_ENABLED=false``), and for the limiter, with ``/health`` no longer
-  exempt (``THALLUS_RATE_LIMIT_EXEMPT_PATHS=/metrics``): ``limit_off``
-  (``THALLUS_RATE_LIMIT_ENABLED=false``), ``limit_memory`` and ``limit_redis`` (``THALLUS_REDIS_URL`` =
-  ``THALLUS_TEST_REDIS_URL``, a key prefix of the run's own, its keys deleted at the end; left out,
-  with the reason, when Redis does not answer).
+  ``10000000/minute`` so that nothing is refused, each in a temporary ``THALLUS_DATA_DIR`` with a
+  user and an API key made by ``thallus users create`` / ``thallus keys create`` when a run sends
+  a credential (a Bearer run logs in first: a fresh access token before every run):
+
+  * the shipped configuration (audit on, ``/health`` exempt from the limiter) on each limiter
+    storage and database — ``default`` (memory, SQLite), ``redis_sqlite``, ``memory_pg`` and
+    ``redis_pg`` (PostgreSQL: a database of the run's own on the server of
+    ``THALLUS_TEST_DATABASE_URL``, dropped at the end; Redis: ``THALLUS_TEST_REDIS_URL``, a key
+    prefix of the run's own, its keys deleted at the end) — for the anchor table: ``GET /health``,
+    ``GET /api/v1/users/me`` with ``X-API-Key`` and with ``Authorization: Bearer`` on each;
+  * ``audit_off`` (``THALLUS_AUDIT_ENABLED=false``) for the POST with the audit log off and on;
+  * for the limiter, with ``/health`` no longer exempt (``THALLUS_RATE_LIMIT_EXEMPT_PATHS=/metrics``):
+    ``limit_off`` (``THALLUS_RATE_LIMIT_ENABLED=false``), ``limit_memory`` and ``limit_redis``.
+
+  A scenario on Redis or PostgreSQL is left out, with the reason, when that server does not answer.
 
 Each scenario is one ``wrk`` run (closed loop, ``--connections`` connections) after an unmeasured
-warm-up run; each round runs, per kind of request, the bare app first, then the scenarios that send
-it. A Lua script counts every response's status: a run that saw any other status than the expected
-one, or a socket error, is reported invalid instead of being timed. The server's CPU time over the
-measured run is read from ``/proc/<pid>/stat`` (all its threads). ``--pin`` (default) runs wrk on
-the first CPU and the servers on the second. Run ``.venv/bin/python benchmarks/bench_service.py --help``.
+warm-up run; each round runs, per kind of request, the bare app first, then the anchor, then the
+scenarios that send it, and every ratio is taken within a round. A Lua script counts every
+response's status: a run that saw any other status than the expected one, or a socket error, is
+reported invalid instead of being timed. The server's CPU time over the measured run is read from
+``/proc/<pid>/stat`` (all its threads). ``--pin`` (default) runs wrk on the first CPU and the
+servers on the second. The report names the commit the servers ran (the tree may be mid-change).
+Run ``.venv/bin/python benchmarks/bench_service.py --help``.
 """
 
 from __future__ import annotations
@@ -43,14 +59,16 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack, closing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+import asyncpg
 import coredis
 import httpx
 
@@ -62,6 +80,8 @@ WRK_SCRIPT = BENCHMARKS / "wrk_statuses.lua"
 PACKAGES = ("thallus", "uvicorn", "h11", "httptools", "uvloop", "starlette", "fastapi", "limits", "coredis")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_URL_VARIABLE = "THALLUS_TEST_REDIS_URL"
+DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+POSTGRES_URL_VARIABLE = "THALLUS_TEST_DATABASE_URL"
 LIMIT = "10000000/minute"
 #: wrk counts a request still unanswered after this long as a timeout (an invalid run).
 WRK_TIMEOUT = "5s"
@@ -97,10 +117,15 @@ class Request:
     path: str
     status: int
     api_key: bool = False
+    bearer: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.method} {self.path}" + (" + X-API-Key" if self.api_key else "")
+        return (
+            f"{self.method} {self.path}"
+            + (" + X-API-Key" if self.api_key else "")
+            + (" + Bearer" if self.bearer else "")
+        )
 
 
 REQUESTS = {
@@ -108,9 +133,12 @@ REQUESTS = {
     for request in (
         Request("health", "GET", "/health", 200),
         Request("me", "GET", "/api/v1/users/me", 200, api_key=True),
+        Request("me_bearer", "GET", "/api/v1/users/me", 200, bearer=True),
         Request("logout", "POST", "/api/v1/auth/logout", 204),
     )
 }
+#: the requests the anchor (a plain FastAPI app with PyJWT and in-memory dicts) answers
+ANCHOR_KINDS = ("health", "me", "me_bearer")
 
 
 @dataclass(frozen=True)
@@ -123,6 +151,7 @@ class ServerConfig:
     rate_limited: bool = True
     health_exempt: bool = True
     redis: bool = False
+    postgres: bool = False
 
 
 #: The limiter servers limit ``/health`` too, so the limiter can be measured on the cheapest request.
@@ -131,7 +160,11 @@ HEALTH_LIMITED = {"THALLUS_RATE_LIMIT_EXEMPT_PATHS": "/metrics"}
 THALLUS_SERVERS = {
     config.name: config
     for config in (
-        ServerConfig("default", "audit on, rate limits in memory", {"THALLUS_AUDIT_ENABLED": "true"}),
+        ServerConfig("default", "audit on, rate limits in memory, SQLite", {"THALLUS_AUDIT_ENABLED": "true"}),
+        # the shipped configuration on the other storages (the anchor matrix)
+        ServerConfig("redis_sqlite", "audit on, rate limits in Redis, SQLite", {}, redis=True),
+        ServerConfig("memory_pg", "audit on, rate limits in memory, PostgreSQL", {}, postgres=True),
+        ServerConfig("redis_pg", "audit on, rate limits in Redis, PostgreSQL", {}, redis=True, postgres=True),
         ServerConfig("audit_off", "audit off, rate limits in memory", {"THALLUS_AUDIT_ENABLED": "false"}),
         ServerConfig(
             "limit_off",
@@ -156,11 +189,28 @@ class Scenario:
     description: str
 
 
+#: The anchor matrix: each request on the shipped configuration with either limiter storage and
+#: either database (the memory/SQLite one is the ``default`` server).
+MATRIX = {
+    "memory_sqlite": "default",
+    "redis_sqlite": "redis_sqlite",
+    "memory_pg": "memory_pg",
+    "redis_pg": "redis_pg",
+}
+MATRIX_REQUESTS = {
+    "health": ("health", "liveness: every layer, no limiter (/health exempt), no database"),
+    "key": ("me", "API key and its user from the identity view (no query)"),
+    "bearer": ("me_bearer", "JWT verified, session and user from the identity view (no query)"),
+}
+
 SCENARIOS = {
     scenario.name: scenario
     for scenario in (
-        Scenario("health", "default", "health", "liveness: every layer, no limiter (exempt), no database"),
-        Scenario("api_key_get", "default", "me", "API key (cached) + the user read from the database"),
+        *(
+            Scenario(f"{prefix}_{storage}", server, kind, description)
+            for prefix, (kind, description) in MATRIX_REQUESTS.items()
+            for storage, server in MATRIX.items()
+        ),
         Scenario("post_audit_off", "audit_off", "logout", "state-changing POST, audit off"),
         Scenario("post_audit_on", "default", "logout", "the same, one `request` audit record each"),
         # the request of the three ratelimit_* scenarios is --ratelimit-request's (default health)
@@ -361,10 +411,17 @@ class Served:
     #: the variables that set this server apart from :data:`SETTINGS`
     variables: dict[str, str] = field(default_factory=dict)
     api_key: str | None = None
+    #: an access token (Thallus: from a login, renewed before every run, as it lives 15 minutes)
+    bearer_token: str | None = None
+    #: whether :meth:`login` can sign in (a Thallus server with the benchmark's user)
+    has_user: bool = False
+    #: logins made (each a POST with its ``request`` audit record)
+    logins: int = 0
     data_dir: str | None = None
     rate_limited: bool = False
     health_exempt: bool = True
     uses_redis: bool = False
+    database: str = "-"
     thallus: bool = True
     output: deque[str] = field(default_factory=lambda: deque(maxlen=40))
 
@@ -388,10 +445,27 @@ class Served:
         test_helpers().stop_process(self.process, 15)
 
     def headers(self, request: Request) -> list[str]:
-        if not request.api_key:
-            return []
-        # the bare app gets the same header (a key it does not read), so both parse the same bytes
-        return [f"X-API-Key: {self.api_key or 'thal_' + 'x' * 43}"]
+        # the bare app gets the same header (one it does not read), so both parse the same bytes
+        if request.api_key:
+            return [f"X-API-Key: {self.api_key or 'thal_' + 'x' * 43}"]
+        if request.bearer:
+            return [f"Authorization: Bearer {self.bearer_token or 'x' * 300}"]
+        return []
+
+    def login(self) -> None:
+        """A fresh access token for the Bearer runs (a new session, in the view from its first use)."""
+        if not self.has_user:
+            return
+        response = httpx.post(
+            self.url + "/api/v1/auth/login",
+            json={"email": EMAIL, "password": PASSWORD},
+            headers={"Origin": "https://app.example.com"},
+            timeout=30,
+        )
+        self.logins += 1
+        if response.status_code != 200:
+            raise BenchmarkError(f"{self.name}: login answered {response.status_code}: {response.text[:300]}")
+        self.bearer_token = response.json()["access_token"]
 
 
 def clean_environment(settings: Mapping[str, str]) -> dict[str, str]:
@@ -427,6 +501,24 @@ def wait_until_up(process: subprocess.Popen[str], url: str, name: str) -> None:
 
 
 def start_bare(stack: ExitStack) -> Served:
+    return start_uvicorn(stack, "bare", "plain Starlette app, no middleware", "bare_service:app", {})
+
+
+def start_anchor(stack: ExitStack, anchor: AnchorCredentials) -> Served:
+    served = start_uvicorn(
+        stack,
+        "anchor",
+        "plain FastAPI app: PyJWT HS256, in-memory user and key dicts",
+        "anchor_service:app",
+        anchor.environment(),
+    )
+    served.api_key, served.bearer_token = anchor.api_key, anchor.token
+    return served
+
+
+def start_uvicorn(stack: ExitStack, name: str, description: str, app: str, env: Mapping[str, str]) -> Served:
+    """``python -m uvicorn`` with what ``thallus serve`` passes to it (no access log, no ``Server``
+    header, no proxy headers), one worker."""
     free_port = test_helpers().free_port
     port = free_port()
     command = [
@@ -435,7 +527,7 @@ def start_bare(stack: ExitStack) -> Served:
         "uvicorn",
         "--app-dir",
         str(BENCHMARKS),
-        "bare_service:app",
+        app,
         "--host",
         "127.0.0.1",
         "--port",
@@ -449,13 +541,46 @@ def start_bare(stack: ExitStack) -> Served:
         "--no-proxy-headers",
     ]
     process = subprocess.Popen(
-        command, env=clean_environment({}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, env=clean_environment(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    served = Served("bare", "plain Starlette app, no middleware", f"http://127.0.0.1:{port}", process, thallus=False)
+    served = Served(name, description, f"http://127.0.0.1:{port}", process, thallus=False)
     stack.callback(served.stop)
-    wait_until_up(process, served.url, "the bare app")
+    wait_until_up(process, served.url, f"the {name} app")
     served.drain()
     return served
+
+
+@dataclass(frozen=True)
+class AnchorCredentials:
+    """The anchor's signing secret, ``kid``, API key and a Bearer token it accepts (valid a day),
+    shaped as Thallus's: an HS256 JWT with ``sub``, ``sid``, ``iat``, ``exp``, ``jti`` and a ``kid``
+    header; a ``thal_`` key of 32 random bytes."""
+
+    secret: str
+    kid: str
+    api_key: str
+    token: str
+
+    @classmethod
+    def new(cls) -> AnchorCredentials:
+        import jwt
+
+        from bare_service import USER
+
+        secret, kid = secrets.token_urlsafe(36), secrets.token_hex(8)
+        now = int(time.time())
+        claims = {
+            "sub": USER["id"],
+            "sid": str(uuid.uuid4()),
+            "iat": now,
+            "exp": now + 86400,
+            "jti": str(uuid.uuid4()),
+        }
+        token = jwt.encode(claims, secret, algorithm="HS256", headers={"kid": kid})
+        return cls(secret, kid, "thal_" + secrets.token_urlsafe(32), token)
+
+    def environment(self) -> dict[str, str]:
+        return {"BENCH_ANCHOR_SECRET": self.secret, "BENCH_ANCHOR_KID": self.kid, "BENCH_ANCHOR_API_KEY": self.api_key}
 
 
 def thallus_cli(env: Mapping[str, str], *args: str, stdin: str | None = None) -> str:
@@ -468,19 +593,28 @@ def thallus_cli(env: Mapping[str, str], *args: str, stdin: str | None = None) ->
     return done.stdout.strip()
 
 
-def start_thallus(stack: ExitStack, config: ServerConfig, redis: RedisTarget | None, *, needs_key: bool) -> Served:
-    """A data directory, a user with an API key made by the CLI in it (when a run sends the key),
-    then ``thallus serve`` on it."""
+def start_thallus(
+    stack: ExitStack, config: ServerConfig, redis: RedisTarget | None, *, needs_user: bool, needs_key: bool
+) -> Served:
+    """A data directory (and for PostgreSQL a database of the run's own), a user and an API key made
+    by the CLI in it (when a run sends a credential), then ``thallus serve`` on it."""
     running_server = test_helpers().running_server
     data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"thallus-bench-service-{config.name}-"))
     settings = {**SETTINGS, **config.settings, "THALLUS_DATA_DIR": data_dir}
     if config.redis:
         assert redis is not None
-        settings |= {"THALLUS_REDIS_URL": redis.url, "THALLUS_REDIS_KEY_PREFIX": redis.prefix}
+        # a prefix of the server's own under the run's (the keys of all are deleted at the end)
+        settings |= {"THALLUS_REDIS_URL": redis.url, "THALLUS_REDIS_KEY_PREFIX": f"{redis.prefix}-{config.name}-"}
+    if config.postgres:
+        url, reason = stack.enter_context(postgres_database(f"service_{config.name}"))
+        if url is None:
+            raise BenchmarkError(f"{config.name}: {reason}")
+        settings["THALLUS_DATABASE_URL"] = url
     env = clean_environment(settings)
     api_key = None
-    if needs_key:
+    if needs_user or needs_key:
         thallus_cli(env, "users", "create", "--email", EMAIL, "--password", "-", "--api-access", stdin=PASSWORD + "\n")
+    if needs_key:
         api_key = thallus_cli(env, "keys", "create", "--email", EMAIL, "--name", "bench-service")
     try:
         server = stack.enter_context(running_server(settings))
@@ -493,13 +627,17 @@ def start_thallus(stack: ExitStack, config: ServerConfig, redis: RedisTarget | N
         server.process,
         settings={name: value for name, value in settings.items() if name != "THALLUS_SECRET_KEY"},
         variables={
-            name: value for name, value in settings.items() if name not in SETTINGS and name != "THALLUS_DATA_DIR"
+            name: redacted_url(value) if name == "THALLUS_DATABASE_URL" else value
+            for name, value in settings.items()
+            if name not in SETTINGS and name != "THALLUS_DATA_DIR"
         },
         api_key=api_key,
+        has_user=needs_user or needs_key,
         data_dir=data_dir,
         rate_limited=config.rate_limited,
         health_exempt=config.health_exempt,
         uses_redis=config.redis,
+        database="postgresql" if config.postgres else "sqlite",
     )
     served.drain()
     return served
@@ -571,6 +709,17 @@ class RedisTarget:
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+def postgres_unreachable() -> str | None:
+    """Why the PostgreSQL servers cannot run (the server of ``THALLUS_TEST_DATABASE_URL`` does not
+    answer), or ``None``."""
+    url = os.environ.get(POSTGRES_URL_VARIABLE, DEFAULT_POSTGRES_URL)
+    try:
+        _postgres_execute(url, "SELECT 1")
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        return f"PostgreSQL at {redacted_url(url)} is not reachable ({type(exc).__name__}: {exc})"
+    return None
+
+
 def connect_redis(skip: bool) -> tuple[RedisTarget | None, str | None]:
     """The run's Redis target, or ``None`` and the reason the ``redis`` server is left out."""
     target = RedisTarget(
@@ -586,12 +735,95 @@ def connect_redis(skip: bool) -> tuple[RedisTarget | None, str | None]:
     return target, None
 
 
+# -- PostgreSQL and the source tree ---------------------------------------------------------------
+
+
+def _postgres_dsn(url: str) -> str:
+    """An asyncpg DSN from a SQLAlchemy URL (``postgresql+asyncpg://`` → ``postgresql://``)."""
+    scheme, _, rest = url.partition("://")
+    return "postgresql://" + rest if scheme.startswith("postgresql") else url
+
+
+def _postgres_execute(url: str, statement: str) -> None:
+    async def execute() -> None:
+        connection = await asyncpg.connect(_postgres_dsn(url), timeout=5)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(execute())
+
+
+@contextmanager
+def postgres_database(purpose: str) -> Iterator[tuple[str | None, str | None]]:
+    """A database of this run's own on the server of ``THALLUS_TEST_DATABASE_URL`` (as
+    ``tests/databases.py`` makes one), dropped at the end (``WITH (FORCE)``, also after a failure):
+    ``(url, None)``, or ``(None, reason)`` when the server does not answer."""
+    server = os.environ.get(POSTGRES_URL_VARIABLE, DEFAULT_POSTGRES_URL)
+    base, _, _ = server.rpartition("/")
+    name = f"thallus_bench_{purpose}_{os.getpid()}_{secrets.token_hex(3)}"
+    try:
+        _postgres_execute(server, f'CREATE DATABASE "{name}"')
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        yield None, f"PostgreSQL at {redacted_url(server)} is not reachable ({type(exc).__name__}: {exc})"
+        return
+    try:
+        yield f"{base}/{name}", None
+    finally:
+        _postgres_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def source_of_thallus(env: Mapping[str, str]) -> dict[str, Any]:
+    """Which ``thallus`` package the servers import (``PYTHONPATH`` may point at another tree, such
+    as a clone at a fixed commit) and the commit of the git tree it lives in, with the number of
+    ``src/`` files changed since (a tree may be mid-change: another engineer's work, measured as it
+    stands)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import thallus; print(thallus.__file__)"],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    package = Path(done.stdout.strip()).parent if done.returncode == 0 else None
+    in_tree = package is not None and package.is_relative_to(ROOT / "src")
+    tree = ROOT if in_tree or package is None else package
+    commit = changed = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."],
+            cwd=tree if not in_tree else ROOT / "src",
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        changed = len(status.splitlines())
+    except (OSError, subprocess.SubprocessError):  # not in a git tree: the commit is unknown
+        pass
+    return {"package": str(package) if package else None, "commit": commit, "src_changed": changed, "in_tree": in_tree}
+
+
+def describe_source(source: Mapping[str, Any]) -> str:
+    """One report line: the commit, and whether the servers ran it as committed."""
+    changed = f", {source['src_changed']} files changed since" if source["src_changed"] else ""
+    where = "this tree's src/" if source["in_tree"] else f"{source['package']}, not this tree's src/"
+    return f"thallus at commit {source['commit'] or '? (not in a git tree)'}{changed} ({where})"
+
+
 # -- checks ------------------------------------------------------------------------------------
 
 
 def check_request(served: Served, request: Request, redis: RedisTarget | None) -> None:
     """Send the scenario's request once and check it is answered as the run assumes, so a
     misconfiguration (a refusal, a limiter that is off or failing open) is never timed."""
+    if request.bearer and served.thallus:
+        served.login()
     headers = dict(header.split(": ", 1) for header in served.headers(request))
     if request.method != "GET":
         headers["Content-Length"] = "0"
@@ -607,15 +839,26 @@ def check_request(served: Served, request: Request, redis: RedisTarget | None) -
             problems.append(f"RateLimit-Policy header {'present' if limited else 'missing'}")
         if served.uses_redis and redis is not None and not redis.keys():
             problems.append(f"no Redis key under {redis.prefix!r}: the limiter is not using Redis")
-    if request.kind == "me" and response.status_code == 200 and response.json().get("email") != EMAIL:
+    expected_email = EMAIL if served.thallus else bare_user_email()
+    if (
+        request.path == "/api/v1/users/me"
+        and response.status_code == 200
+        and response.json().get("email") != expected_email
+    ):
         problems.append(f"unexpected body {response.text[:300]}")
     if problems:
         raise BenchmarkError(f"{served.name}: {request.label}: " + "; ".join(problems))
 
 
+def bare_user_email() -> str:
+    from bare_service import USER
+
+    return str(USER["email"])
+
+
 def count_request_records(served: Served) -> int | None:
     """``request`` audit records in a stopped server's SQLite database."""
-    if served.data_dir is None:
+    if served.data_dir is None or served.database != "sqlite":
         return None
     path = Path(served.data_dir) / "thallus.db"
     with closing(sqlite3.connect(path)) as connection:
@@ -673,6 +916,8 @@ def measure(
     redis: RedisTarget | None,
 ) -> Measured:
     """A warm-up run, then the measured run (with the Redis server's CPU time around it, for ``redis``)."""
+    if request.bearer and served.thallus:
+        served.login()  # an access token lives 15 minutes; a whole run may take longer
     headers = served.headers(request)
     warmup = None
     if options.warmup > 0:
@@ -694,9 +939,14 @@ def measure(
     return measured
 
 
-def plan(scenarios: Sequence[str], ratelimit_request: str) -> list[tuple[str, str, str]]:
+def anchor_name(kind: str) -> str:
+    return f"anchor/{kind}"
+
+
+def plan(scenarios: Sequence[str], ratelimit_request: str, *, anchor: bool = True) -> list[tuple[str, str, str]]:
     """One round's runs in order, ``(name, server, request kind)``: per kind of request, the bare
-    run first, then the scenarios that send it (so each ratio compares runs minutes apart at most)."""
+    run first, then the anchor's (for the kinds it answers), then the scenarios that send it (so
+    each ratio compares runs minutes apart at most)."""
     kinds = {
         name: ratelimit_request if name.startswith("ratelimit_") else SCENARIOS[name].request for name in scenarios
     }
@@ -705,6 +955,8 @@ def plan(scenarios: Sequence[str], ratelimit_request: str) -> list[tuple[str, st
         chosen = [name for name in SCENARIOS if kinds.get(name) == kind]
         if chosen:
             order.append((bare_name(kind), "bare", kind))
+            if anchor and kind in ANCHOR_KINDS:
+                order.append((anchor_name(kind), "anchor", kind))
             order += [(name, SCENARIOS[name].server, kind) for name in chosen]
     return order
 
@@ -717,14 +969,23 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     server_cpu = cpus[1] if pinned else None
     redis: RedisTarget | None = None
     redis_skipped: str | None = "not needed"
-    if "ratelimit_redis" in options.scenarios:
+    on_redis = [name for name in options.scenarios if THALLUS_SERVERS[SCENARIOS[name].server].redis]
+    if on_redis:
         redis, redis_skipped = connect_redis(options.no_redis)
         if redis is None:
-            progress(f"ratelimit_redis left out: {redis_skipped}")
-            options.scenarios = [name for name in options.scenarios if name != "ratelimit_redis"]
+            progress(f"{', '.join(on_redis)} left out: {redis_skipped}")
+            options.scenarios = [name for name in options.scenarios if name not in on_redis]
+    postgres_skipped: str | None = "not needed"
+    on_postgres = [name for name in options.scenarios if THALLUS_SERVERS[SCENARIOS[name].server].postgres]
+    if on_postgres:
+        postgres_skipped = "--no-postgres" if options.no_postgres else postgres_unreachable()
+        if postgres_skipped:
+            progress(f"{', '.join(on_postgres)} left out: {postgres_skipped}")
+            options.scenarios = [name for name in options.scenarios if name not in on_postgres]
     document: dict[str, Any] = {
         "benchmark": "thallus bench_service",
         "environment": environment(PACKAGES),
+        "source": source_of_thallus(clean_environment(SETTINGS)),
         "wrk": {"path": wrk, "version": wrk_version(wrk)},
         "options": {
             "seconds": options.seconds,
@@ -747,10 +1008,14 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             "prefix": redis.prefix if redis else None,
             "skipped": redis_skipped,
         },
+        "postgres": {
+            "url": redacted_url(os.environ.get(POSTGRES_URL_VARIABLE, DEFAULT_POSTGRES_URL)),
+            "skipped": postgres_skipped,
+        },
     }
-    order = plan(options.scenarios, options.ratelimit_request)
+    order = plan(options.scenarios, options.ratelimit_request, anchor=options.anchor)
     if not order:
-        raise BenchmarkError(f"nothing left to run: ratelimit_redis left out ({redis_skipped})")
+        raise BenchmarkError(f"nothing left to run (Redis: {redis_skipped}; PostgreSQL: {postgres_skipped})")
     needed = {server for _, server, _ in order}
     measured: list[Measured] = []
     servers: dict[str, Served] = {}
@@ -758,12 +1023,18 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         if redis is not None:
             stack.callback(redis.delete_keys)
         progress(f"starting {len(needed)} servers (all up-front, one uvicorn worker each): {', '.join(sorted(needed))}")
+        anchor = AnchorCredentials.new()
         if "bare" in needed:
             servers["bare"] = start_bare(stack)
+            # the bare app reads no credential; it is sent the anchor's, so both parse the same bytes
+            servers["bare"].api_key, servers["bare"].bearer_token = anchor.api_key, anchor.token
+        if "anchor" in needed:
+            servers["anchor"] = start_anchor(stack, anchor)
         for name, config in THALLUS_SERVERS.items():
             if name in needed:
                 needs_key = any(server == name and REQUESTS[kind].api_key for _, server, kind in order)
-                servers[name] = start_thallus(stack, config, redis, needs_key=needs_key)
+                needs_user = any(server == name and REQUESTS[kind].bearer for _, server, kind in order)
+                servers[name] = start_thallus(stack, config, redis, needs_user=needs_user, needs_key=needs_key)
         for _, server_name, kind in order:
             check_request(servers[server_name], REQUESTS[kind], redis)
         for served in servers.values():
@@ -809,22 +1080,23 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
 def audit_check(
     servers: Mapping[str, Served], measured: Sequence[Measured], order: Sequence[tuple[str, str, str]], connections: int
 ) -> dict[str, Any]:
-    """Per ``thallus serve``: the POSTs wrk counted as answered (warm-ups and the check request
-    included) and the ``request`` records stored. wrk does not count requests still in flight
-    when it stops, so up to ``connections`` more per wrk run may have been answered and recorded."""
+    """Per ``thallus serve`` on SQLite: the POSTs wrk counted as answered (warm-ups, the check
+    request and the benchmark's own logins included) and the ``request`` records stored. wrk does
+    not count requests still in flight when it stops, so up to ``connections`` more per wrk run may
+    have been answered and recorded."""
     result = {}
     for served in servers.values():
-        if not served.thallus:
+        if not served.thallus or served.database != "sqlite":
             continue
         runs = [item for item in measured if item.server == served.name and item.request.method == "POST"]
         answered = sum(item.run.requests + (item.warmup.requests if item.warmup else 0) for item in runs)
         checks = sum(1 for _, server, kind in order if server == served.name and kind == "logout")
         result[served.name] = {
-            "posts_answered": answered + checks,
+            "posts_answered": answered + checks + served.logins,
             "wrk_runs": sum(2 if item.warmup else 1 for item in runs),
             "connections": connections,
             "request_records": count_request_records(served),
-            "audit_enabled": served.settings.get("THALLUS_AUDIT_ENABLED") == "true",
+            "audit_enabled": served.settings.get("THALLUS_AUDIT_ENABLED", "true") != "false",
         }
     return result
 
@@ -833,10 +1105,37 @@ def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def round_ratios(valid: Sequence[Measured], baseline: str, measured: Sequence[Measured]) -> dict[str, list[float]]:
+    """Per valid round of a scenario: its req/s, p50, p99 and CPU per request over those of the
+    ``baseline`` server's run of the same request in the same round (none for the baseline itself)."""
+    base_runs = {
+        (item.round_number, item.request.kind): item for item in measured if item.server == baseline and item.valid
+    }
+    ratios: dict[str, list[float]] = {"rps": [], "p50": [], "p99": [], "cpu": []}
+    for item in valid:
+        base = base_runs.get((item.round_number, item.request.kind))
+        if base is None or item.server == baseline:
+            continue
+        mine, theirs = item.run.document(), base.run.document()
+        ratios["rps"].append(mine["requests_per_second"] / theirs["requests_per_second"])
+        ratios["p50"].append(mine["p50_ms"] / theirs["p50_ms"])
+        ratios["p99"].append(mine["p99_ms"] / theirs["p99_ms"])
+        ratios["cpu"].append(mine["server_cpu_us_per_request"] / theirs["server_cpu_us_per_request"])
+    return ratios
+
+
+def relative_spread(values: Sequence[float]) -> float | None:
+    """(max − min) / median of the rounds' values; ``None`` with fewer than two."""
+    if len(values) < 2:
+        return None
+    middle = statistics.median(values)
+    return (max(values) - min(values)) / middle if middle else None
+
+
 def summarise(measured: Sequence[Measured], names: Sequence[str]) -> dict[str, Any]:
-    """Per scenario (and bare run): the median over its valid rounds, and per-round ratios to the
-    bare run of the same request in the same round, also as medians."""
-    bare = {(item.round_number, item.request.kind): item for item in measured if item.server == "bare" and item.valid}
+    """Per scenario (and bare and anchor run): the median over its valid rounds, and per-round
+    ratios to the bare and to the anchor run of the same request in the same round, also as medians
+    (the rounds' own ratios are kept too, for the spread)."""
     summary: dict[str, Any] = {}
     for name in names:
         runs = [item for item in measured if item.name == name]
@@ -846,16 +1145,8 @@ def summarise(measured: Sequence[Measured], names: Sequence[str]) -> dict[str, A
         def middle(key: str, docs: list[dict[str, Any]] = docs) -> float | None:
             return median([doc[key] for doc in docs if doc[key] is not None])
 
-        ratios: dict[str, list[float]] = {"rps": [], "p50": [], "p99": [], "cpu": []}
-        for item in valid:
-            base = bare.get((item.round_number, item.request.kind))
-            if base is None or item.server == "bare":
-                continue
-            mine, theirs = item.run.document(), base.run.document()
-            ratios["rps"].append(mine["requests_per_second"] / theirs["requests_per_second"])
-            ratios["p50"].append(mine["p50_ms"] / theirs["p50_ms"])
-            ratios["p99"].append(mine["p99_ms"] / theirs["p99_ms"])
-            ratios["cpu"].append(mine["server_cpu_us_per_request"] / theirs["server_cpu_us_per_request"])
+        ratios = round_ratios(valid, "bare", measured)
+        anchor_ratios = round_ratios(valid, "anchor", measured)
         redis_cpu = [
             item.redis_cpu_seconds / item.run.requests * 1e6
             for item in valid
@@ -878,7 +1169,11 @@ def summarise(measured: Sequence[Measured], names: Sequence[str]) -> dict[str, A
             "wrk_cpu_share": middle("wrk_cpu_share"),
             "other_cpu_share": middle("other_cpu_share"),
             "redis_cpu_us_per_request": median(redis_cpu),
+            "rounds_rps": [doc["requests_per_second"] for doc in docs],
+            "rps_spread": relative_spread([doc["requests_per_second"] for doc in docs]),
             "vs_bare": {key: median(values) for key, values in ratios.items()},
+            "vs_anchor": {key: median(values) for key, values in anchor_ratios.items()},
+            "vs_anchor_rounds": anchor_ratios,
         }
     return summary
 
@@ -929,6 +1224,7 @@ def render(document: dict[str, Any]) -> str:
     )
     lines = [
         *describe(document["environment"]),
+        describe_source(document["source"]),
         f"wrk {document['wrk']['version']}: {options['connections']} connections, {options['threads']} thread(s), "
         f"{options['seconds']} s measured after {options['warmup']} s warm-up, {options['rounds']} round(s), "
         f"closed loop; {pinned}",
@@ -951,6 +1247,9 @@ def render(document: dict[str, Any]) -> str:
         "req/s ×bare",
         "p50 ×bare",
         "p99 ×bare",
+        "req/s ×anchor",
+        "p99 ×anchor",
+        "req/s spread",
     )
     rows: list[tuple[str, ...]] = []
     for name, item in document["summary"].items():
@@ -976,17 +1275,92 @@ def render(document: dict[str, Any]) -> str:
                 _number(ratios["rps"], ".3f"),
                 _number(ratios["p50"], ".2f"),
                 _number(ratios["p99"], ".2f"),
+                _number(item["vs_anchor"]["rps"], ".3f"),
+                _number(item["vs_anchor"]["p99"], ".2f"),
+                _number(item["rps_spread"] * 100 if item["rps_spread"] is not None else None, ".0f") + " %",
             )
         )
     lines += text_table(header, rows, align="lll" + "r" * (len(header) - 3))
-    lines += ["", *legend(document), "", *notes(document)]
+    lines += ["", *anchor_table(document), "", *legend(document), "", *notes(document)]
     return "\n".join(lines)
+
+
+#: Targets of the anchor table (figures to compare with, never assertions): per request prefix,
+#: the least req/s ratio and the most p99 ratio against the anchor (whose /health is a bare FastAPI app's).
+ANCHOR_TARGETS = {"health": (0.9, None), "key": (0.7, 1.5), "bearer": (0.7, 1.5)}
+STORAGES = {
+    "memory_sqlite": ("memory", "SQLite"),
+    "redis_sqlite": ("Redis", "SQLite"),
+    "memory_pg": ("memory", "PostgreSQL"),
+    "redis_pg": ("Redis", "PostgreSQL"),
+}
+
+
+def anchor_table(document: Mapping[str, Any]) -> list[str]:
+    """Thallus over the anchor per request, limiter storage and database: the medians of the rounds'
+    ratios, every round's req/s ratio, and whether the median meets the target."""
+    summary = document["summary"]
+    rows = []
+    for prefix, (kind, _) in MATRIX_REQUESTS.items():
+        anchor = summary.get(anchor_name(kind))
+        for storage, (limiter, database) in STORAGES.items():
+            item = summary.get(f"{prefix}_{storage}")
+            if item is None or anchor is None or not item["valid_rounds"] or not anchor["valid_rounds"]:
+                continue
+            ratios, rounds = item["vs_anchor"], item["vs_anchor_rounds"]
+            least_rps, most_p99 = ANCHOR_TARGETS[prefix]
+            verdicts = []
+            if ratios["rps"] is not None:
+                verdicts.append(f"req/s {'meets' if ratios['rps'] >= least_rps else 'misses'} ≥ {least_rps}×")
+            if most_p99 is not None and ratios["p99"] is not None:
+                verdicts.append(f"p99 {'meets' if ratios['p99'] <= most_p99 else 'misses'} ≤ {most_p99}×")
+            rows.append(
+                (
+                    REQUESTS[kind].label,
+                    limiter,
+                    database,
+                    _number(item["requests_per_second"], ",.0f"),
+                    _number(anchor["requests_per_second"], ",.0f"),
+                    _number(ratios["rps"], ".3f"),
+                    " ".join(_number(value, ".2f") for value in rounds["rps"]) or "-",
+                    _number(item["p99_ms"]),
+                    _number(anchor["p99_ms"]),
+                    _number(ratios["p99"], ".2f"),
+                    " ".join(_number(value, ".2f") for value in rounds["p99"]) or "-",
+                    ", ".join(verdicts),
+                )
+            )
+    if not rows:
+        return []
+    header = (
+        "request",
+        "limiter",
+        "database",
+        "req/s",
+        "anchor req/s",
+        "req/s ×anchor",
+        "per round",
+        "p99 ms",
+        "anchor p99",
+        "p99 ×anchor",
+        "per round",
+        "target (a figure, not a gate)",
+    )
+    return [
+        "Thallus / anchor (a plain FastAPI app: PyJWT HS256, in-memory user and key dicts; its /health is a bare "
+        "FastAPI app's). Ratios are the medians of the rounds' ratios, each against the anchor's run of the same "
+        "round:",
+        *text_table(header, rows, align="lll" + "r" * 8 + "l"),
+    ]
 
 
 def legend(document: dict[str, Any]) -> list[str]:
     """One line per server: what it is and the variables that set it apart from :data:`SETTINGS`."""
     common = ", ".join(f"{name}={value}" for name, value in SETTINGS.items() if name != "THALLUS_SECRET_KEY")
-    lines = [f"servers (thallus serve: {common}, a 48-character secret, SQLite in a temporary THALLUS_DATA_DIR):"]
+    lines = [
+        f"servers (thallus serve: {common}, a 48-character secret, a temporary THALLUS_DATA_DIR with the SQLite "
+        "file, or THALLUS_DATABASE_URL: a PostgreSQL database of the run's own):"
+    ]
     for name, server in document.get("servers", {}).items():
         variables = " ".join(f"{variable}={value}" for variable, value in server["variables"].items())
         lines.append(f"  {name:<13} {server['description']}" + (f" [{variables}]" if variables else ""))
@@ -1012,9 +1386,14 @@ def notes(document: dict[str, Any]) -> list[str]:
             )
     if (redis_cpu := summary.get("ratelimit_redis", {}).get("redis_cpu_us_per_request")) is not None:
         found.append(f"Redis server CPU during ratelimit_redis: {redis_cpu:.0f} µs/req (INFO cpu)")
+    postgres = document["postgres"]
+    if postgres["skipped"] and postgres["skipped"] != "not needed":
+        found.append(f"PostgreSQL scenarios left out: {postgres['skipped']}")
+    elif postgres["skipped"] is None:
+        found.append(f"PostgreSQL at {postgres['url']}: one database per server, dropped at the end")
     redis = document["redis"]
     if redis["skipped"] and redis["skipped"] != "not needed":
-        found.append(f"ratelimit_redis left out: {redis['skipped']}")
+        found.append(f"scenarios on Redis left out: {redis['skipped']}")
     elif redis["url"]:
         found.append(
             f"Redis {redis['version']} at {redis['url']}, key prefix {redis['prefix']}: "
@@ -1054,11 +1433,13 @@ def notes(document: dict[str, Any]) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=10, help="measured seconds per wrk run (default 10)")
+    parser.add_argument("--seconds", type=int, default=8, help="measured seconds per wrk run (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured wrk seconds before each run (default 2)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of every run (default 1); medians shown")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of every run (default 2); medians shown, every round's ratio"
+    )
     parser.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}"
     )
@@ -1069,7 +1450,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="request of the ratelimit_* scenarios: GET /health, no longer exempt on their servers (default), "
         "or me: GET /api/v1/users/me with the API key",
     )
-    parser.add_argument("--no-redis", action="store_true", help="leave out ratelimit_redis")
+    parser.add_argument("--no-redis", action="store_true", help="leave out the scenarios on Redis")
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="leave out the scenarios on PostgreSQL (THALLUS_TEST_DATABASE_URL)"
+    )
+    parser.add_argument(
+        "--anchor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the anchor (plain FastAPI + PyJWT + in-memory dicts) beside the bare app (default on)",
+    )
     parser.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,

@@ -1,16 +1,23 @@
 """The benchmarks still run: ``./run bench``'s entry point loads, bench_core's requests are
 answered as it expects (its pre-flight check fails the run on a wrong status or a missing header),
-and bench_login's and bench_abuse's smallest runs complete against a real ``thallus serve``.
+bench_login's, bench_abuse's and bench_revocation's smallest runs complete against a real
+``thallus serve``, and bench_service's anchor verifies what it is sent (and, with wrk installed,
+its smallest run with the anchor completes).
 
 Benchmarks report; they never gate on a duration, and neither does this test.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +34,7 @@ def test_the_entry_point_loads_every_part() -> None:
     assert "--parts" in result.stdout
     assert "bench_login.py" in result.stdout
     assert "bench_abuse.py" in result.stdout
+    assert "bench_revocation.py" in result.stdout
 
 
 def test_bench_core_runs_and_checks_its_requests() -> None:
@@ -109,3 +117,81 @@ def test_bench_abuse_smallest_run(tmp_path: Path) -> None:
             assert {"opened", "closed_by_server", "close_seconds_median", "close_seconds_max", "open_at_end"} <= set(
                 figures
             )
+
+
+def test_bench_revocation_smallest_run(tmp_path: Path) -> None:
+    """Both set-ups (PostgreSQL left out, with its reason, when it does not answer): one round of a
+    session and an API key revoked through A and followed on B. Checks only that the run completes,
+    every revocation was refused by B within the benchmark's timeout, and the JSON has the figures
+    the report is built from; no figure is judged."""
+    output = tmp_path / "revocation.json"
+    result = run("benchmarks/bench_revocation.py", *("--rounds", "1", "--revocations", "2", "--json", str(output)))
+    assert result.returncode == 0, result.stderr
+    assert "B p50" in result.stdout
+    document = json.loads(output.read_text())
+    assert {"environment", "source", "options", "setups", "skipped"} <= set(document)
+    assert set(document["setups"]) | set(document["skipped"]) == {"postgresql", "sqlite"}
+    assert "sqlite" in document["setups"]
+    for setup in document["setups"].values():
+        assert {"rounds", "pooled", "pooled_kinds", "spread"} <= set(setup)
+        [first] = setup["rounds"]
+        assert [item["kind"] for item in first["revocations"]] == ["session", "api_key"]
+        for item in first["revocations"]:
+            assert item["problem"] is None
+            assert {"delay_ms", "last_accepted_ms", "polls", "a_next_refused", "a_next_ms", "revoke_ms"} <= set(item)
+        assert {"p50_ms", "p99_ms", "max_ms", "a_next_refused"} <= set(setup["pooled"])
+
+
+def test_the_anchor_verifies_what_it_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_service's anchor (a plain FastAPI app) must do the work it stands for: verify the
+    token's signature, algorithm, kid and claims, and look the key up — a 401 otherwise."""
+    import jwt
+    from starlette.testclient import TestClient
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("BENCH_ANCHOR_SECRET", "s" * 48)
+    monkeypatch.setenv("BENCH_ANCHOR_KID", "k1")
+    monkeypatch.setenv("BENCH_ANCHOR_API_KEY", "thal_" + "a" * 43)
+    for name in ("anchor_service", "bare_service"):
+        sys.modules.pop(name, None)
+    anchor = importlib.import_module("anchor_service")
+    user = anchor.USER["id"]
+    now = int(time.time())
+    claims = {"sub": user, "sid": "s", "iat": now, "exp": now + 60, "jti": "j"}
+
+    def token(secret: str = "s" * 48, kid: str = "k1", **changes: object) -> dict[str, str]:
+        payload = {key: value for key, value in {**claims, **changes}.items() if value is not None}
+        return {"Authorization": "Bearer " + jwt.encode(payload, secret, algorithm="HS256", headers={"kid": kid})}
+
+    with TestClient(anchor.app) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/api/v1/users/me", headers=token()).json()["id"] == user
+        assert client.get("/api/v1/users/me", headers={"X-API-Key": "thal_" + "a" * 43}).status_code == 200
+        refused = [
+            token(secret="t" * 48),
+            token(kid="k2"),
+            token(exp=now - 10),
+            token(jti=None),
+            {"X-API-Key": "thal_" + "b" * 43},
+            {},
+        ]
+        for headers in refused:
+            assert client.get("/api/v1/users/me", headers=headers).status_code == 401, headers
+
+
+def test_bench_service_smallest_run_with_the_anchor() -> None:
+    """The anchor and the three requests of the anchor table on the memory/SQLite server, one second
+    each: the run completes, every run is valid and the anchor ratios are there; none is judged."""
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    scenarios = "health_memory_sqlite,key_memory_sqlite,bearer_memory_sqlite"
+    result = run(
+        "benchmarks/bench_service.py", *("--seconds", "1", "--warmup", "0", "--scenarios", scenarios, "--json")
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert {"anchor/health", "anchor/me", "anchor/me_bearer", *scenarios.split(",")} <= set(document["summary"])
+    assert all(item["valid"] for item in document["runs"])
+    for name in scenarios.split(","):
+        assert document["summary"][name]["vs_anchor"]["rps"] is not None
+    assert document["source"]["commit"]
