@@ -1117,10 +1117,14 @@ def round_ratios(valid: Sequence[Measured], baseline: str, measured: Sequence[Me
         if base is None or item.server == baseline:
             continue
         mine, theirs = item.run.document(), base.run.document()
-        ratios["rps"].append(mine["requests_per_second"] / theirs["requests_per_second"])
-        ratios["p50"].append(mine["p50_ms"] / theirs["p50_ms"])
-        ratios["p99"].append(mine["p99_ms"] / theirs["p99_ms"])
-        ratios["cpu"].append(mine["server_cpu_us_per_request"] / theirs["server_cpu_us_per_request"])
+        for name, figure in (
+            ("rps", "requests_per_second"),
+            ("p50", "p50_ms"),
+            ("p99", "p99_ms"),
+            ("cpu", "server_cpu_us_per_request"),
+        ):
+            if theirs[figure]:  # wrk rounds a sub-microsecond latency, a short run's CPU, to 0
+                ratios[name].append(mine[figure] / theirs[figure])
     return ratios
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.databases import unavailable
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -183,7 +185,7 @@ def test_bench_service_smallest_run_with_the_anchor() -> None:
     """The anchor and the three requests of the anchor table on the memory/SQLite server, one second
     each: the run completes, every run is valid and the anchor ratios are there; none is judged."""
     if shutil.which("wrk") is None:
-        pytest.skip("wrk is not installed (apt-get install wrk)")
+        unavailable("wrk is not installed (apt-get install wrk; .ci/run installs it)")
     scenarios = "health_memory_sqlite,key_memory_sqlite,bearer_memory_sqlite"
     result = run(
         "benchmarks/bench_service.py", *("--seconds", "1", "--warmup", "0", "--scenarios", scenarios, "--json")

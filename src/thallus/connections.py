@@ -36,6 +36,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import socket
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import ClassVar
@@ -131,6 +132,13 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
         self._socket = transport
+        # Under `--workers N` uvicorn hands asyncio a socket it bound itself, and the accepted
+        # connections come without TCP_NODELAY: each small response then waits for the client's
+        # delayed ACK (~40 ms a request on a kept-alive connection, benchmarks/bench_service.py).
+        raw = transport.get_extra_info("socket")
+        if raw is not None and raw.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._lingering = -1
         GuardedH11Protocol.open_connections += 1
         limits = bounds()

@@ -46,6 +46,8 @@ NOTIFY_CHANNEL = "thallus_identity"
 DEFAULT_BOUND = 1.0
 DEFAULT_POLL_INTERVAL = 0.25
 DEFAULT_CAPACITY = 100_000
+#: How often a lost LISTEN connection is tried again (the poll keeps the view current meanwhile).
+RELISTEN_INTERVAL = 5.0
 #: Change rows older than this are pruned: an instance that has not read for so long is stale
 #: anyway, and starts again from an empty view.
 CHANGE_RETENTION = timedelta(days=1)
@@ -142,6 +144,7 @@ class IdentityView:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listener: Any = None
+        self._listen_failed = False
         self._stale_logged = False
 
     # -- freshness -----------------------------------------------------------------------------
@@ -183,16 +186,25 @@ class IdentityView:
             self._listener = await asyncpg.connect(url, timeout=5)
             await self._listener.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
         except Exception as exc:  # polling still keeps the view current
-            logger.warning("identity changes: no LISTEN connection (%s); polling only", type(exc).__name__)
+            if not self._listen_failed:
+                logger.warning("identity changes: no LISTEN connection (%s); polling only", type(exc).__name__)
+            self._listen_failed = True
             self._listener = None
+            return
+        if self._listen_failed:
+            logger.info("identity changes: LISTEN connection back")
+        self._listen_failed = False
 
     async def _follow(self) -> None:
+        next_listen = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
             self._wake.clear()
             await self.catch_up()
-            if self.database.dialect == "postgresql" and (self._listener is None or self._listener.is_closed()):
+            lost = self._listener is None or self._listener.is_closed()
+            if self.database.dialect == "postgresql" and lost and self.clock() >= next_listen:
+                next_listen = self.clock() + RELISTEN_INTERVAL  # polling covers the gap meanwhile
                 await self._listen()
 
     async def catch_up(self) -> None:

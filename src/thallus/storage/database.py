@@ -8,6 +8,7 @@ several instances starting together do not race. A database that cannot be reach
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,6 +31,7 @@ _MIGRATION_LOCK = 0x7468616C  # "thal"
 CONNECT_TIMEOUT_SECONDS = 5
 #: How long a request waits for a pooled connection before its 503 (SQLAlchemy waits 30 s).
 POOL_TIMEOUT_SECONDS = 10
+UNAVAILABLE_LOG_INTERVAL = 10.0
 
 
 class DatabaseUnavailableError(Exception):
@@ -72,6 +74,8 @@ class Database:
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._unavailable_logged_at = -float("inf")
+        self._unavailable_count = 0
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -84,8 +88,22 @@ class Database:
         except UNAVAILABLE as exc:
             if not is_unavailable(exc):
                 raise
-            logger.error("database unavailable: %s", type(exc).__name__)
+            self._log_unavailable(exc)
             raise DatabaseUnavailableError(str(exc)) from exc
+
+    def _log_unavailable(self, exc: BaseException) -> None:
+        """One error line per :data:`UNAVAILABLE_LOG_INTERVAL` during an outage, with how many
+        failures it stands for — not one per request and per background read."""
+        now = time.monotonic()
+        self._unavailable_count += 1
+        if now - self._unavailable_logged_at >= UNAVAILABLE_LOG_INTERVAL:
+            logger.error(
+                "database unavailable: %s (%s failures since the last such line)",
+                type(exc).__name__,
+                self._unavailable_count,
+            )
+            self._unavailable_logged_at = now
+            self._unavailable_count = 0
 
     async def migrate(self) -> None:
         """Bring the schema to the newest revision (idempotent)."""
