@@ -407,6 +407,31 @@ def test_expired_tokens_are_refused() -> None:
         AccessTokens(RING).decode(crafted)
 
 
+def test_a_verified_token_is_remembered_but_its_expiry_still_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = AccessTokens(RING)
+    token = tokens.issue("user-1", "session-1")
+    first = tokens.decode(token)
+    monkeypatch.setattr("jwt.decode", lambda *args, **kwargs: pytest.fail("decoded again"))
+    assert tokens.decode(token) == first, "remembered: no second decode"
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    monkeypatch.undo()
+    with pytest.raises(InvalidTokenError):
+        tokens.decode(forged)  # other text: verified afresh, refused
+    now = time.time()
+    monkeypatch.setattr("thallus.identity.tokens.time.time", lambda: now + ACCESS_TOKEN_TTL + 1)
+    with pytest.raises(InvalidTokenError, match="expired"):
+        tokens.decode(token)
+
+
+def test_the_remembered_tokens_are_bounded() -> None:
+    from thallus.identity import tokens as module
+
+    tokens = AccessTokens(RING)
+    for index in range(module.VERIFIED_CAPACITY + 10):
+        tokens.decode(craft(valid_claims(jti=f"jti-{index}")))
+    assert len(tokens._verified) == module.VERIFIED_CAPACITY
+
+
 @pytest.mark.parametrize("missing", ["sub", "sid", "iat", "exp", "jti"])
 def test_every_claim_is_required(missing: str) -> None:
     claims = valid_claims()

@@ -3,12 +3,18 @@
 An access token carries ``sub`` (user), ``sid`` (session), ``iat``, ``exp`` and ``jti``; its header
 names the signing key (``kid``) so keys can rotate. Verification accepts only HS256 — never
 ``none`` and never an algorithm named by the token — and requires every claim.
+
+A verified token is remembered (its exact text, at most ``VERIFIED_CAPACITY`` of them), so a
+client's next requests with it skip the decoding and the HMAC — PyJWT's pure-Python base64 and
+JSON work is most of a Bearer request's CPU — and only its expiry is checked again. The same text
+can only carry the same signature, and the keys are fixed for the process's life.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
@@ -20,6 +26,7 @@ ACCESS_TOKEN_TTL = 900
 ALGORITHM = "HS256"
 REQUIRED_CLAIMS = ("sub", "sid", "iat", "exp", "jti")
 REFRESH_PURPOSE = "refresh-token"
+VERIFIED_CAPACITY = 10_000
 
 
 class InvalidTokenError(Exception):
@@ -40,6 +47,7 @@ class AccessTokens:
         self.kid, self._signing_key = keys.signing_key()
         self._verification_keys = keys.verification_keys()
         self.ttl = ttl
+        self._verified: OrderedDict[str, AccessClaims] = OrderedDict()
 
     def issue(self, user_id: str, session_id: str) -> str:
         now = int(time.time())
@@ -47,6 +55,20 @@ class AccessTokens:
         return jwt.encode(claims, self._signing_key, algorithm=ALGORITHM, headers={"kid": self.kid})
 
     def decode(self, token: str) -> AccessClaims:
+        claims = self._verified.get(token)
+        if claims is not None:
+            if claims.expires_at <= time.time():
+                del self._verified[token]
+                raise InvalidTokenError("the access token has expired")
+            self._verified.move_to_end(token)
+            return claims
+        claims = self._decode(token)
+        self._verified[token] = claims
+        if len(self._verified) > VERIFIED_CAPACITY:
+            self._verified.popitem(last=False)
+        return claims
+
+    def _decode(self, token: str) -> AccessClaims:
         try:
             header = jwt.get_unverified_header(token)
             key = self._verification_keys.get(str(header.get("kid")))
