@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 from tests.databases import BACKENDS, create_postgres_database, drop_postgres_database, empty_postgres_database
+from tests.leaks import leaking_lines
 from tests.redis_support import delete_prefix, new_prefix, require_redis
 from thallus.logs import JsonFormatter
 
@@ -66,14 +66,6 @@ def empty_postgres(postgres_database: URL) -> Iterator[URL]:
     empty_postgres_database(postgres_database)
 
 
-#: What must never appear in a log line, whoever wrote it: password hashes, raw API keys, JWTs.
-LEAK_PATTERNS = (
-    re.compile(r"\$argon2(id|i|d)\$"),
-    re.compile(r"thal_[A-Za-z0-9_-]{43}"),
-    re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}"),
-)
-
-
 class _LogRecorder(logging.Handler):
     """Every record the suite's own processes log, formatted as the service's JSON lines (extras too)."""
 
@@ -103,9 +95,5 @@ def _no_secret_in_any_log_line() -> Iterator[None]:
         root.removeHandler(recorder)
     from tests.service import SECRETS_USED
 
-    leaks = [
-        line[:300]
-        for line in recorder.lines
-        if any(pattern.search(line) for pattern in LEAK_PATTERNS) or any(secret in line for secret in SECRETS_USED)
-    ]
+    leaks = leaking_lines(recorder.lines, SECRETS_USED)
     assert not leaks, f"{len(leaks)} log lines carry a secret, e.g. {leaks[:3]}"

@@ -24,13 +24,12 @@ import json
 import os
 import re
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import httpx
 from hypothesis import strategies as st
@@ -114,19 +113,16 @@ def fuzz_environment(data_dir: Path, database_url: str, *, production: bool = Tr
     }
 
 
-def _drain(stream: IO[str], into: list[str]) -> None:
-    for line in stream:
-        into.append(line)
-
-
 @dataclass
 class LiveServer:
     """A running ``thallus serve`` whose output is collected as it is written."""
 
     server: Server
-    lines: list[str]
-    reader: threading.Thread
     production: bool
+
+    @property
+    def lines(self) -> list[str]:
+        return self.server.lines
 
     @property
     def url(self) -> str:
@@ -159,19 +155,13 @@ class LiveServer:
 
     def finish(self) -> str:
         """Stop the server; everything it wrote."""
-        self.server.stop()
-        self.reader.join(10)
-        return "".join(self.lines)
+        return self.server.output()
 
 
 @contextmanager
 def live_server(env: Mapping[str, str]) -> Iterator[LiveServer]:
-    with running_server(env) as server:
-        assert server.process.stdout is not None
-        lines: list[str] = []
-        reader = threading.Thread(target=_drain, args=(server.process.stdout, lines), daemon=True)
-        reader.start()
-        yield LiveServer(server, lines, reader, env.get("THALLUS_ENV") == "production")
+    with running_server(env) as server:  # it reads the server's output as it comes
+        yield LiveServer(server, env.get("THALLUS_ENV") == "production")
 
 
 def thallus_cli(env: Mapping[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

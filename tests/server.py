@@ -7,13 +7,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import httpx
+
+from tests.leaks import leaking_lines
 
 THALLUS = str(Path(sys.executable).parent / "thallus")
 
@@ -27,15 +31,30 @@ def free_port() -> int:
 
 @dataclass
 class Server:
+    """A ``thallus serve`` process. Its output is read as it comes, by one thread (a pipe left
+    unread fills and stalls the server's logging); ``lines`` holds it, each line as written."""
+
     url: str
     port: int
     process: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def start_reading(self) -> None:
+        if self._reader is None and self.process.stdout is not None:
+            self._reader = threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True)
+            self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
 
     def output(self) -> str:
         """Everything the server wrote (stops it first)."""
         self.stop()
-        assert self.process.stdout is not None
-        return self.process.stdout.read()
+        if self._reader is not None:
+            self._reader.join(10)
+        return "".join(self.lines)
 
     def stop(self) -> None:
         stop_process(self.process, 10)
@@ -69,6 +88,7 @@ def running_server(environment: Mapping[str, str], *extra_args: str) -> Iterator
         text=True,
     )
     server = Server(f"http://127.0.0.1:{port}", port, process)
+    server.start_reading()
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -83,6 +103,8 @@ def running_server(environment: Mapping[str, str], *extra_args: str) -> Iterator
                 time.sleep(0.1)
         yield server
     finally:
-        server.stop()
+        output = server.output()
         if data_dir is not None:
             data_dir.cleanup()
+    leaks = leaking_lines(output.splitlines())
+    assert not leaks, f"thallus serve logged {len(leaks)} lines carrying a secret, e.g. {leaks[:2]}"

@@ -42,7 +42,6 @@ import json
 import os
 import secrets
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -105,25 +104,14 @@ def environment(*, database_url: str | None = None, data_dir: Path | None = None
 
 
 class Log:
-    """A server's output (stdout and stderr), read in a thread so a full pipe can never block it."""
+    """A server's output, as tests.server.Server reads it (a thread, so a full pipe never blocks it)."""
 
     def __init__(self, server: Server) -> None:
-        self._lines: list[str] = []
-        self._lock = threading.Lock()
-        stream = server.process.stdout
-        assert stream is not None
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: Any) -> None:
-        for line in stream:
-            with self._lock:
-                self._lines.append(line.rstrip("\n"))
+        self._server = server
 
     @property
     def lines(self) -> list[str]:
-        with self._lock:
-            return list(self._lines)
+        return [line.rstrip("\n") for line in list(self._server.lines)]
 
     def messages(self, text: str) -> list[str]:
         return [line for line in self.lines if text in line]

@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import pytest
@@ -164,16 +164,9 @@ class Running:
         return "".join(self.log[-lines:])
 
 
-def _drain(stream: IO[str], into: list[str]) -> None:
-    for line in stream:
-        into.append(line)
-
-
 def _draining(server: Server) -> Running:
-    running = Running(server)
-    assert server.process.stdout is not None
-    threading.Thread(target=_drain, args=(server.process.stdout, running.log), daemon=True).start()
-    return running
+    server.start_reading()  # running_server has; a server started here has not
+    return Running(server, server.lines)
 
 
 @contextmanager

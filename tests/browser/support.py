@@ -37,7 +37,7 @@ import httpx
 import uvicorn
 from playwright.sync_api import BrowserContext, Cookie, Page, Response
 
-from tests.server import THALLUS, free_port, running_server
+from tests.server import THALLUS, Server, free_port, running_server
 from thallus._asgi import ASGIApp
 
 # -- the suite's settings ----------------------------------------------------------------------
@@ -137,23 +137,28 @@ class ServerLog:
         return [entry for entry in self.entries(since) if entry.get("logger") == logger]
 
 
-def follow(process: subprocess.Popen[str], log: ServerLog) -> threading.Thread:
-    """Read a process's output line by line into ``log`` (non-JSON lines kept as ``{"text": …}``).
-
-    Reading continuously also keeps the pipe from filling up and blocking the server.
-    """
-    stream = process.stdout
-    assert stream is not None
+def follow(server: Server, log: ServerLog) -> threading.Thread:
+    """Follow a server's output (read as it comes by ``tests.server.Server``) into ``log``, line by
+    line as it is written (non-JSON lines kept as ``{"text": …}``)."""
 
     def read() -> None:
-        for line in stream:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                entry = {"text": line.rstrip("\n")}
-            log.add(entry if isinstance(entry, dict) else {"text": line.rstrip("\n")})
+        seen = 0
+        while True:
+            lines = server.lines
+            if seen == len(lines):
+                if server.process.poll() is not None:
+                    return
+                time.sleep(0.005)
+                continue
+            for line in lines[seen:]:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    entry = {"text": line.rstrip("\n")}
+                log.add(entry if isinstance(entry, dict) else {"text": line.rstrip("\n")})
+            seen = len(lines)
 
-    thread = threading.Thread(target=read, name=f"log-{process.pid}", daemon=True)
+    thread = threading.Thread(target=read, name=f"log-{server.process.pid}", daemon=True)
     thread.start()
     return thread
 
@@ -202,7 +207,7 @@ def thallus_service(name: str, environment: Mapping[str, str], data_dir: Path, e
     thallus_cli(settings, "users", "create", "--email", email, "--password", PASSWORD, "--api-access")
     with running_server(settings) as server:
         log = ServerLog()
-        reader = follow(server.process, log)
+        reader = follow(server, log)
         try:
             yield Backend(name, f"http://localhost:{server.port}", log, email)
         finally:
