@@ -8,6 +8,9 @@ applied where the chunks pass, for every route, not in each handler:
   ``100 Continue`` is ever sent for it);
 * a chunked or undeclared body is counted as it streams, and refused the moment the count passes
   the limit — nothing past the limit plus the one chunk that crossed it is ever handed on;
+* a response sent while the request's body is still unread (a refusal, or a route that ignores its
+  body) carries ``Connection: close``: the rest of the body would otherwise be read as the next
+  request, or hold the connection while it trickles in;
 * either way the answer is the §8 ``413 PayloadTooLargeError``. When the application turns the
   refusal raised from ``receive`` into a response of its own (FastAPI makes any body error a 400),
   that response is replaced by the 413; when it had already started a response, the refusal stays
@@ -27,12 +30,13 @@ way, and the server closes the connection, whose request never completed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from thallus._asgi import ASGIApp, Message, Receive, Scope, Send
 from thallus.errors import PayloadTooLargeError, ThallusError, send_thallus_error
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+CLOSE = (b"connection", b"close")
 DEFAULT_BODY_TIMEOUT = 30.0
 DEFAULT_BODY_MIN_RATE = 500
 CONTENT_LENGTH = b"content-length"
@@ -69,7 +73,9 @@ class BodyLimit:
 
 
 def too_large(limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"The request body is larger than {limit} bytes.", details={"max_body_bytes": limit})
+    return PayloadTooLargeError(
+        f"The request body is larger than {limit} bytes.", details={"max_body_bytes": limit}, headers=[CLOSE]
+    )
 
 
 class RequestTimeoutError(ThallusError):
@@ -77,11 +83,20 @@ class RequestTimeoutError(ThallusError):
 
 
 def timed_out(seconds: float) -> RequestTimeoutError:
-    return RequestTimeoutError(f"The request body stopped arriving for {seconds:g} seconds.")
+    return RequestTimeoutError(f"The request body stopped arriving for {seconds:g} seconds.", headers=[CLOSE])
 
 
 def too_slow(rate: int) -> RequestTimeoutError:
-    return RequestTimeoutError(f"The request body arrived slower than {rate} bytes a second.")
+    return RequestTimeoutError(f"The request body arrived slower than {rate} bytes a second.", headers=[CLOSE])
+
+
+def has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request announces a body (``Transfer-Encoding``, or a ``Content-Length`` above 0)."""
+    for name, value in headers:
+        key = name.lower()
+        if key == b"transfer-encoding" or (key == CONTENT_LENGTH and value.strip() not in (b"", b"0")):
+            return True
+    return False
 
 
 class LimitedBody:
@@ -92,6 +107,7 @@ class LimitedBody:
         "_receive",
         "_send",
         "began",
+        "complete",
         "limit",
         "min_rate",
         "received",
@@ -108,9 +124,12 @@ class LimitedBody:
         limit: int,
         timeout: float = DEFAULT_BODY_TIMEOUT,
         min_rate: int = DEFAULT_BODY_MIN_RATE,
+        *,
+        expected: bool = True,
     ) -> None:
         self._receive = receive
         self._send = send
+        self.complete = not expected  # the whole body has been handed on (or there is none)
         self.limit = limit
         self.timeout = timeout
         self.min_rate = min_rate
@@ -134,6 +153,8 @@ class LimitedBody:
             raise self.refusal from None
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.complete = True
             if self.received > self.limit:
                 self.refusal = too_large(self.limit)
                 raise self.refusal
@@ -153,6 +174,8 @@ class LimitedBody:
                 self.replacing = True
                 await send_thallus_error(self._send, self.refusal)
                 return
+            if not self.complete:  # answered with the body unread: the connection must end with it
+                message["headers"] = [*message.get("headers", ()), CLOSE]
         await self._send(message)
 
     async def answer(self, exc: ThallusError) -> bool:
@@ -195,7 +218,9 @@ class BodyLimitMiddleware:
         if declared is not None and over_limit(declared, limit):
             await send_thallus_error(send, too_large(limit))
             return
-        body = LimitedBody(receive, send, limit, self.body_timeout, self.body_min_rate)
+        body = LimitedBody(
+            receive, send, limit, self.body_timeout, self.body_min_rate, expected=has_body(scope["headers"])
+        )
         try:
             await self.app(scope, body.receive, body.send)
         except ThallusError as exc:

@@ -15,10 +15,13 @@ security headers. :class:`GuardedH11Protocol` is uvicorn's h11 protocol with two
   it; not applied to a trusted proxy, which carries everyone's connections), a new connection is
   answered with a §8 ``503 ServiceUnavailableError`` (``Retry-After``) and closed — so one client
   cannot take every slot;
-* **a lingering close** — a response that went out before its request's body was read (a 413, a
-  429, a 408) ends the connection: the write side is shut, what the client still sends is read and
-  dropped for at most ``LINGER_SECONDS`` (so the answer is not lost to a reset), then it is closed.
-  uvicorn would keep reading such a body for ever, each byte postponing its keep-alive timeout.
+* **a lingering close** — a response sent before its request's body was read carries
+  ``Connection: close`` (the body-limit layer adds it, :mod:`thallus.bodies`), so the connection
+  ends with it. Closed at once, a socket with unread input answers the client's next bytes with a
+  reset, which can destroy the response before the client reads it; so when uvicorn closes while
+  the request body is still arriving, the write side is shut instead, what the client still sends
+  is read and dropped for at most ``LINGER_SECONDS``, and then it is closed (RFC 9112 §9.6).
+  Without this, uvicorn read such a body for ever, each byte postponing its keep-alive timeout.
 
 Both answers are written straight to the socket, with the security headers and a fresh
 correlation ID, because no request exists yet to run through the layers. A body that stops
@@ -39,7 +42,7 @@ import logging
 import socket
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -117,6 +120,75 @@ def bounds() -> Bounds:
     return Bounds.from_settings(Settings.load())
 
 
+class _LingeringTransport(asyncio.Transport):
+    """The connection's transport as uvicorn sees it: every call passed on, except that ``close()``
+    lingers while the request body is still arriving (see the module docstring)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        super().__init__()
+        self._real = transport
+        self._protocol = protocol
+        self._closing = False
+
+    def close(self) -> None:
+        if self._closing or self._real.is_closing():
+            return
+        self._closing = True
+        if self._protocol.conn.their_state is not h11.SEND_BODY:
+            self._real.close()
+            return
+        self._protocol.linger()
+        if self._real.can_write_eof():
+            self._real.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, self._real.close)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._real.is_closing()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._real.abort()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._real.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self._real.writelines(list_of_data)
+
+    def write_eof(self) -> None:
+        self._real.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._real.can_write_eof()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._real.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._real.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._real.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._real.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._real.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._real.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._real.get_write_buffer_limits()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._real.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._real.get_protocol()
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol with a header deadline, connection caps and a lingering close
     (module docstring)."""
@@ -124,13 +196,14 @@ class GuardedH11Protocol(H11Protocol):
     _header_deadline: asyncio.TimerHandle | None = None
     _socket: asyncio.BaseTransport | None = None
     _client_key: str | None = None
-    _lingering = 0  # bytes dropped since the response went out before the body was read; -1: not lingering
+    _lingering = -1  # bytes dropped while lingering; -1: not lingering
     #: This worker's open connections, in all and per client (one event loop per worker: plain counts).
     open_connections = 0
     per_client: ClassVar[dict[str, int]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[arg-type]
+        assert isinstance(transport, asyncio.Transport)
+        super().connection_made(_LingeringTransport(transport, self))
         self._socket = transport
         # Under `--workers N` uvicorn hands asyncio a socket it bound itself, and the accepted
         # connections come without TCP_NODELAY: each small response then waits for the client's
@@ -160,17 +233,10 @@ class GuardedH11Protocol(H11Protocol):
     def _refuse(self, message: str) -> None:
         self._answer_and_close(bounds().response(503, "ServiceUnavailableError", message, ((b"retry-after", b"1"),)))
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        socket = self._socket
-        if socket is None or socket.is_closing() or self.conn.their_state is not h11.SEND_BODY:
-            return
-        # answered before the body was read: shut our side, drop the rest for a moment, close
+    def linger(self) -> None:
+        """From now on, what arrives is dropped (the transport closes after :data:`LINGER_SECONDS`)."""
         self._lingering = 0
         self._disarm_header_deadline()
-        if isinstance(socket, asyncio.WriteTransport) and socket.can_write_eof():
-            socket.write_eof()
-        asyncio.get_running_loop().call_later(LINGER_SECONDS, socket.close)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering >= 0:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from thallus._asgi import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from thallus.audit import AuditSink
 from thallus.audit.middleware import AuditRequestMiddleware
-from thallus.bodies import CONTENT_LENGTH, BodyLimitMiddleware, LimitedBody, over_limit, too_large
+from thallus.bodies import CONTENT_LENGTH, BodyLimitMiddleware, LimitedBody, has_body, over_limit, too_large
 from thallus.correlation import (
     HEADER_KEY as CORRELATION_HEADER,
 )
@@ -241,7 +241,12 @@ class ProtectedApp:
                     refused = True
                 else:  # a refusal raised from receive is answered by the boundary, as a ThallusError
                     body = LimitedBody(
-                        receive, app_send, limit, self.body_limit.body_timeout, self.body_limit.body_min_rate
+                        receive,
+                        app_send,
+                        limit,
+                        self.body_limit.body_timeout,
+                        self.body_limit.body_min_rate,
+                        expected=has_body(scope["headers"]),
                     )
                     receive, app_send = body.receive, body.send
             csrf = self.csrf
