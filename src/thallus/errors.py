@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -148,6 +148,13 @@ class PayloadTooLargeError(ThallusError):
 
 class ValidationError(ThallusError):
     status_code = 422
+
+
+def invalid_field(loc: Sequence[str | int], msg: str, value: Any) -> ValidationError:
+    """A 422 about one input, in the shape FastAPI's own validation errors take here."""
+    return ValidationError(
+        "The request is invalid.", details=[{"type": "value_error", "loc": list(loc), "msg": msg, "input": value}]
+    )
 
 
 class RateLimitError(ThallusError):

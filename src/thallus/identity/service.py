@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -30,6 +30,7 @@ from thallus.errors import (
     RateLimitError,
     ServiceUnavailableError,
     ValidationError,
+    invalid_field,
 )
 from thallus.identity import api_keys
 from thallus.identity.emails import InvalidEmailError, SignInName, canonical_email, parse_email
@@ -61,10 +62,7 @@ def normalize_email(email: str, *, loc: Sequence[str | int] = ("body", "email"))
     try:
         return parse_email(email)
     except InvalidEmailError as exc:
-        raise ValidationError(
-            "The request is invalid.",
-            details=[{"type": "value_error", "loc": list(loc), "msg": str(exc), "input": printable(email[:320])}],
-        ) from None
+        raise invalid_field(loc, str(exc), printable(email[:320])) from None
 
 
 def printable(text: str) -> str:
@@ -265,21 +263,15 @@ class Identity:
 
     async def user_view(self, user_id: str) -> UserView | None:
         """The user as the view knows it (a query only on first sight, or when the view is stale)."""
-        view = self.view
-        fresh = view.fresh
-        if fresh:
-            cached = view.users.get(user_id)
-            if cached is not None:
-                return cached
-        generation = view.generation
-        async with self.database.session() as db:
-            user = await db.get(User, user_id)
-        if user is None:
-            return None
-        loaded = UserView(user.id, user.email, user.name, user.role, user.api_access, user.is_active, user.created_at)
-        if fresh and view.generation == generation:  # no change applied meanwhile: safe to keep
-            view.users.put(user_id, loaded)
-        return loaded
+
+        async def load() -> UserView | None:
+            async with self.database.session() as db:
+                user = await db.get(User, user_id)
+            if user is None:
+                return None
+            return UserView(user.id, user.email, user.name, user.role, user.api_access, user.is_active, user.created_at)
+
+        return await self.view.through(self.view.users, user_id, load)
 
     async def current_user(self, principal: Principal) -> UserView:
         """The principal's user, from the view (``/users/me`` and every route that needs it)."""
@@ -591,27 +583,18 @@ class Identity:
         return Principal(user.id, user.email, user.name, user.role, "session", session_id=session.id)
 
     async def _session_view(self, session_id: str) -> SessionView | None:
-        view = self.view
-        fresh = view.fresh
-        if fresh:
-            cached = view.sessions.get(session_id)
-            if cached is not None:
-                return cached
-        generation = view.generation
-        async with self.database.session() as db:
-            row = (
-                await db.execute(
-                    select(Session.id, Session.user_id, Session.expires_at, Session.revoked_at).where(
-                        Session.id == session_id
+        async def load() -> SessionView | None:
+            async with self.database.session() as db:
+                row = (
+                    await db.execute(
+                        select(Session.id, Session.user_id, Session.expires_at, Session.revoked_at).where(
+                            Session.id == session_id
+                        )
                     )
-                )
-            ).first()
-        if row is None:
-            return None
-        loaded = SessionView(row.id, row.user_id, row.expires_at, revoked=row.revoked_at is not None)
-        if fresh and view.generation == generation:
-            view.sessions.put(session_id, loaded)
-        return loaded
+                ).first()
+            return None if row is None else SessionView(row.id, row.user_id, row.expires_at, row.revoked_at is not None)
+
+        return await self.view.through(self.view.sessions, session_id, load)
 
     # -- API keys ---------------------------------------------------------------------------------
 
@@ -634,17 +617,7 @@ class Identity:
             self._audit("permission_denied", "denied", user.id, client, details={"needs": "api_access"})
             raise PermissionDeniedError("Creating API keys needs the api_access feature.")
         if expires_at is not None and expires_at <= utcnow():
-            raise ValidationError(
-                "The request is invalid.",
-                details=[
-                    {
-                        "type": "value_error",
-                        "loc": ["body", "expires_at"],
-                        "msg": "must be in the future",
-                        "input": expires_at.isoformat(),
-                    }
-                ],
-            )
+            raise invalid_field(("body", "expires_at"), "must be in the future", expires_at.isoformat())
         raw = api_keys.generate_api_key()
         key = ApiKey(
             user_id=user.id,
@@ -710,36 +683,23 @@ class Identity:
 
     async def _key_record(self, raw: str) -> api_keys.KeyRecord | None:
         """The record of a key from the view (``False`` there: known not to exist), else the database."""
-        view = self.view
-        fresh = view.fresh
-        current_hash = self.keys.hash(api_keys.PURPOSE, raw)
-        if fresh:
-            cached = view.keys.get(current_hash)
-            if cached is not None:
-                return cached or None
-        generation = view.generation
-        hashes = self.keys.hashes(api_keys.PURPOSE, raw)  # every secret still accepted (rotation)
-        async with self.database.session() as db:
-            row = (
-                await db.execute(
-                    select(ApiKey, User).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash.in_(hashes))
-                )
-            ).first()
-        record = None
-        if row is not None:
+
+        async def load() -> api_keys.KeyRecord | Literal[False]:
+            hashes = self.keys.hashes(api_keys.PURPOSE, raw)  # every secret still accepted (rotation)
+            async with self.database.session() as db:
+                row = (
+                    await db.execute(
+                        select(ApiKey, User).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash.in_(hashes))
+                    )
+                ).first()
+            if row is None:
+                return False
             key, user = row
-            record = api_keys.KeyRecord(
-                key.id,
-                user.id,
-                user.email,
-                user.name,
-                user.role,
-                key.expires_at,
-                key.revoked_at is None and user.is_active,
-            )
-        if fresh and view.generation == generation:
-            view.keys.put(current_hash, record or False)
-        return record
+            usable = key.revoked_at is None and user.is_active
+            return api_keys.KeyRecord(key.id, user.id, user.email, user.name, user.role, key.expires_at, usable)
+
+        record = await self.view.through(self.view.keys, self.keys.hash(api_keys.PURPOSE, raw), load)
+        return record or None
 
     # -- audit ------------------------------------------------------------------------------------
 

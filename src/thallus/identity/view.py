@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar
@@ -239,6 +239,23 @@ class IdentityView:
             self.apply(kind, subject_id)
             self.last_seq = max(self.last_seq, int(seq))
         self.synced_at = self.clock()
+
+    # -- reading through the view ------------------------------------------------------------
+
+    async def through(self, cache: BoundedCache[K, V], key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
+        """``cache[key]`` while the view is fresh; otherwise (or on a miss) ``load()`` from the
+        database — kept only if the view is fresh and no change was applied while it loaded (a
+        change applied meanwhile may concern it: it serves this request, and is not cached)."""
+        fresh = self.fresh
+        if fresh:
+            cached = cache.get(key)
+            if cached is not None:
+                return cached
+        generation = self.generation
+        loaded = await load()
+        if loaded is not None and fresh and self.generation == generation:
+            cache.put(key, loaded)
+        return loaded
 
     # -- changes ---------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from thallus.api.deps import AdminDep
 from thallus.api.responses import AUTHENTICATED, error_responses
 from thallus.audit.chain import FIELDS, timestamp
 from thallus.audit.store import AuditFilter, AuditStore
-from thallus.errors import ECHO_CHARS, ThallusError, ValidationError
+from thallus.errors import ECHO_CHARS, ThallusError, invalid_field
 from thallus.storage.models import AuditLog
 
 router = APIRouter(prefix="/api/v1/audit-logs", tags=["audit"], responses=error_responses(*AUTHENTICATED, 404))
@@ -98,17 +98,7 @@ def decode_cursor(cursor: str) -> int:
         except (ValueError, KeyError, TypeError, RecursionError):
             value = None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQ:
-        raise ValidationError(
-            "The request is invalid.",
-            details=[
-                {
-                    "type": "value_error",
-                    "loc": ["query", "cursor"],
-                    "msg": "not a cursor this API returned",
-                    "input": cursor[:ECHO_CHARS],
-                }
-            ],
-        )
+        raise invalid_field(("query", "cursor"), "not a cursor this API returned", cursor[:ECHO_CHARS])
     return value
 
 
