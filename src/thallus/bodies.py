@@ -8,13 +8,13 @@ applied where the chunks pass, for every route, not in each handler:
   ``100 Continue`` is ever sent for it);
 * a chunked or undeclared body is counted as it streams, and refused the moment the count passes
   the limit — nothing past the limit plus the one chunk that crossed it is ever handed on;
-* a response sent while the request's body is still unread (a refusal, or a route that ignores its
-  body) carries ``Connection: close``: the rest of the body would otherwise be read as the next
-  request, or hold the connection while it trickles in;
 * either way the answer is the §8 ``413 PayloadTooLargeError``. When the application turns the
   refusal raised from ``receive`` into a response of its own (FastAPI makes any body error a 400),
   that response is replaced by the 413; when it had already started a response, the refusal stays
-  an exception of the application's.
+  an exception of the application's;
+* any response sent while the request's body is still unread (a refusal, or a route that ignores
+  its body) carries ``Connection: close``: the rest of the body would otherwise be read as the next
+  request, or hold the connection while it trickles in.
 
 The limit (``max_body_bytes``, ``THALLUS_MAX_BODY_BYTES``, 1 MiB by default) can be set per route:
 ``route_limits`` maps a path, or a prefix ending in ``*``, to its own limit (longest match wins).
@@ -36,10 +36,10 @@ from thallus._asgi import ASGIApp, Message, Receive, Scope, Send
 from thallus.errors import PayloadTooLargeError, ThallusError, send_thallus_error
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
-CLOSE = (b"connection", b"close")
 DEFAULT_BODY_TIMEOUT = 30.0
 DEFAULT_BODY_MIN_RATE = 500
 CONTENT_LENGTH = b"content-length"
+CLOSE = (b"connection", b"close")
 
 
 class BodyLimit:
