@@ -35,16 +35,12 @@ Run ``.venv/bin/python benchmarks/bench_abuse.py --help``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import heapq
 import itertools
 import json
-import math
-import os
 import resource
 import selectors
-import signal
 import socket
 import statistics
 import subprocess
@@ -52,22 +48,35 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import IO, Any
+from typing import Any
 
-from common import describe, environment, progress, text_table
+from common import ROOT, conclude, describe, environment, progress, text_table
+from figures import median, ms, number, percentile, spread_of, spread_table
+from served import (
+    CpuMeter,
+    Sampler,
+    Served,
+    describe_import,
+    machine_busy_seconds,
+    open_fds,
+    serve,
+    settle,
+    source_of_thallus,
+)
 
-BENCHMARKS = Path(__file__).resolve().parent
-ROOT = BENCHMARKS.parent
+if str(ROOT) not in sys.path:  # the body and the memory readings are shared with tests/test_bodies_served.py
+    sys.path.insert(0, str(ROOT))
+
+from tests.bodies_support import APP_ORIGIN, body_head, memory_kib, read_response, reset_peak, send_body
+
 PACKAGES = ("thallus", "uvicorn", "h11", "starlette", "fastapi")
 SECRET = "bench-abuse-secret-" + "k" * 29  # 48 characters
-APP_ORIGIN = "https://app.example.com"
 SETTINGS = {
     "THALLUS_ENV": "production",
     "THALLUS_SECRET_KEY": SECRET,
@@ -81,7 +90,6 @@ DEFAULT_BOUNDS = {"max_body_bytes": 1024 * 1024, "header_timeout": 10.0, "body_t
 LOGIN = "/api/v1/auth/login"
 HOST = "127.0.0.1"
 MiB = 1024 * 1024
-CHUNK = 64 * 1024
 PARTS = ("bodies", "slowloris", "stalled-body", "held")
 #: the figures quoted from before the body limit (MiB): one body's RSS before and peak; four at once, peak and held
 BEFORE_FIX = {"one_before_mib": 118, "one_peak_mib": 519, "four_peak_mib": 2.7 * 1024, "four_held_mib": 1.7 * 1024}
@@ -89,134 +97,21 @@ BEFORE_FIX = {"one_before_mib": 118, "one_peak_mib": 519, "four_peak_mib": 2.7 *
 HEALTH_P99_TARGET_MS = 50.0
 #: a client gives up on one answer after this long (every loop also ends at a deadline)
 ANSWER_TIMEOUT = 120.0
-EXIT_FAILED = 1
-
-
-class BenchmarkError(Exception):
-    """A set-up step that failed: reported in one message, the server stopped, exit 1."""
 
 
 # -- the server ------------------------------------------------------------------------------------
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """``VmRSS`` and ``VmHWM`` of a process, KiB (``/proc/<pid>/status``)."""
-    found = {}
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                found[name] = int(value.split()[0])
-    return found
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset ``VmHWM`` to the current RSS (``5`` to ``clear_refs``); whether it was permitted."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as clear:
-            clear.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def open_fds(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return -1
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (``/proc/<pid>/stat``)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """CPU time all CPUs spent busy (``/proc/stat``: user, nice, system, irq, softirq, steal)."""
-    with open("/proc/stat", encoding="ascii") as stat:
-        fields = [int(value) for value in stat.readline().split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def clean_environment(settings: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment without ``THALLUS_*`` (the developer's own), plus ``settings``."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("THALLUS_")}
-    env.update(settings)
-    return env
-
-
-def source_of_thallus(env: Mapping[str, str]) -> dict[str, Any]:
-    """Which ``thallus`` package the server imports (``PYTHONPATH`` may point at another tree) and the
-    repository's commit, with the ``src/`` files changed since (the tree may be mid-change)."""
-    done = subprocess.run(
-        [sys.executable, "-c", "import thallus; print(thallus.__file__)"],
-        env=dict(env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    package = Path(done.stdout.strip()).parent if done.returncode == 0 else None
-    commit = changed = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-        changed = len(status.splitlines())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    in_tree = package is not None and package.is_relative_to(ROOT / "src")
-    return {"package": str(package) if package else None, "commit": commit, "src_changed": changed, "in_tree": in_tree}
-
-
 @dataclass
-class Served:
-    """The running ``thallus serve``: its port, process and last output lines."""
+class AbuseTarget(Served):
+    """The running ``thallus serve`` and its port."""
 
     port: int
-    process: subprocess.Popen[str]
-    output: deque[str] = field(default_factory=lambda: deque(maxlen=60))
-    lines: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def drain(self) -> None:
-        """Read the server's output on a thread (a full pipe would block the server); count what matters."""
-        stream = self.process.stdout
-        if stream is None:
-            return
-
-        def read(stream: IO[str] = stream) -> None:
-            for raw in stream:
-                line = raw.rstrip()
-                self.output.append(line)
-                if "Traceback" in line:
-                    self.lines["tracebacks"] += 1
-                elif "connection refused" in line:
-                    self.lines["connections_refused_at_the_cap"] += 1
-                elif "WARNING" in line or "ERROR" in line:
-                    self.lines["warnings_or_errors"] += 1
-
-        threading.Thread(target=read, name="drain-thallus", daemon=True).start()
+    counted = (
+        ("tracebacks", ("Traceback",)),
+        ("connections_refused_at_the_cap", ("connection refused",)),
+        ("warnings_or_errors", ("WARNING", "ERROR")),
+    )
 
 
 def server_settings(options: argparse.Namespace, data_dir: str) -> dict[str, str]:
@@ -228,33 +123,13 @@ def server_settings(options: argparse.Namespace, data_dir: str) -> dict[str, str
     return settings
 
 
-def start_server(stack: ExitStack, options: argparse.Namespace) -> tuple[Served, dict[str, str]]:
-    if str(ROOT) not in sys.path:  # tests.server is imported from the repository root
-        sys.path.insert(0, str(ROOT))
-    from tests.server import running_server
-
+def start_server(stack: ExitStack, options: argparse.Namespace) -> tuple[AbuseTarget, dict[str, str]]:
     data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="thallus-bench-abuse-"))
     settings = server_settings(options, data_dir)
-    try:
-        server = stack.enter_context(running_server(settings))
-    except RuntimeError as exc:  # running_server's report of a server that exited or never answered
-        raise BenchmarkError(f"thallus serve did not start: {exc}") from None
-    served = Served(server.port, server.process)
+    server = serve(stack, settings)
+    served = AbuseTarget(server.process, port=server.port)
     served.drain()
     return served, settings
-
-
-def settle(served: Served, limit: float = 30.0, fds: int | None = None) -> float:
-    """Wait until the server is idle (under 5 % of a CPU over 0.5 s) and, given ``fds``, holds at most
-    that many file descriptors again; at most ``limit`` seconds. The wait."""
-    started = time.monotonic()
-    while time.monotonic() - started < limit:
-        before = process_cpu_seconds(served.pid)
-        time.sleep(0.5)
-        idle = process_cpu_seconds(served.pid) - before < 0.025
-        if idle and (fds is None or open_fds(served.pid) <= fds):
-            break
-    return time.monotonic() - started
 
 
 def raise_fd_limit(needed: int) -> dict[str, int]:
@@ -268,25 +143,6 @@ def raise_fd_limit(needed: int) -> dict[str, int]:
 
 
 # -- figures ---------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], fraction: float) -> float | None:
-    """Nearest rank: the smallest value with at least ``fraction`` of the values at or below it."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
-def median(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def spread_of(values: Sequence[float | None]) -> dict[str, float | int] | None:
-    present = [value for value in values if value is not None]
-    if not present:
-        return None
-    return {"min": min(present), "median": statistics.median(present), "max": max(present), "n": len(present)}
 
 
 def status_of(data: bytes) -> str | None:
@@ -312,69 +168,7 @@ class Addresses:
             return address(next(self._next))
 
 
-class Sampler:
-    """The server's ``VmRSS`` (and open file descriptors) every ``interval`` seconds on a thread."""
-
-    def __init__(self, pid: int, interval: float, fds: bool = False) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.fds = fds
-        self.peak_rss_kib = 0
-        self.peak_fds = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self.peak_rss_kib = max(self.peak_rss_kib, proc_status(self.pid)["VmRSS"])
-            except (OSError, KeyError):
-                return
-            if self.fds:
-                self.peak_fds = max(self.peak_fds, open_fds(self.pid))
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # -- bodies ----------------------------------------------------------------------------------------
-
-
-def json_body(total: int) -> Iterator[bytes]:
-    """A valid JSON login body of exactly ``total`` bytes, 64 KiB at a time, never held whole."""
-    prefix, suffix = b'{"email":"attacker@example.com","password":"', b'"}'
-    yield prefix
-    filler = memoryview(b"a" * CHUNK)
-    remaining = total - len(prefix) - len(suffix)
-    while remaining > 0:
-        piece = filler[: min(CHUNK, remaining)]
-        remaining -= len(piece)
-        yield bytes(piece)
-    yield suffix
-
-
-def framed(total: int, framing: str) -> Iterator[bytes]:
-    if framing == "declared":
-        yield from json_body(total)
-        return
-    for piece in json_body(total):
-        yield b"%x\r\n%s\r\n" % (len(piece), piece)
-    yield b"0\r\n\r\n"
-
-
-def body_head(path: str, total: int, framing: str, forwarded: str) -> bytes:
-    length = f"Content-Length: {total}" if framing == "declared" else "Transfer-Encoding: chunked"
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: api.example.com\r\nContent-Type: application/json\r\n"
-        f"Origin: {APP_ORIGIN}\r\nX-Forwarded-For: {forwarded}\r\n{length}\r\n\r\n"
-    ).encode()
 
 
 @dataclass
@@ -388,71 +182,15 @@ class BodyAnswer:
         return {"status": self.status, "seconds": self.seconds, "sent_bytes": self.sent_bytes, "error": self.error}
 
 
-def read_answer(sock: socket.socket, deadline: float) -> tuple[bytes, str | None]:
-    """One whole response as soon as it is there (head and ``Content-Length`` body), or what came
-    before the server closed, or reset, the connection; with the reason it stopped early."""
-    received = b""
-    while True:
-        head, separator, rest = received.partition(b"\r\n\r\n")
-        if separator:
-            lengths = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
-            if lengths and len(rest) >= int(lengths[0].split(b":", 1)[1]):
-                return received, None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return received, f"no answer within {ANSWER_TIMEOUT:g} s"
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        except ConnectionResetError:
-            return received, "reset"
-        except OSError as exc:
-            return received, f"{type(exc).__name__}: {exc}"
-        if not chunk:
-            return received, "closed"
-        received += chunk
-
-
-def send_body(port: int, total: int, framing: str, forwarded: str, start: threading.Barrier | None) -> BodyAnswer:
-    """``total`` body bytes to the login route, written by a thread while this one waits for the
-    answer; the writing stops once it has come, or the server closed."""
-    head = body_head(LOGIN, total, framing, forwarded)
-    sent = 0
-    stop = threading.Event()
-    problems: list[str] = []
-    with socket.create_connection((HOST, port), timeout=ANSWER_TIMEOUT) as sock:
-
-        def write() -> None:
-            nonlocal sent
-            try:
-                sock.sendall(head)
-                for piece in framed(total, framing):
-                    if stop.is_set():
-                        return
-                    sock.sendall(piece)
-                    sent += len(piece)
-            except OSError as exc:
-                if not stop.is_set():
-                    problems.append(f"sending: {type(exc).__name__}")
-
-        if start is not None:
-            start.wait(ANSWER_TIMEOUT)
-        began = time.perf_counter()
-        writer = threading.Thread(target=write, name="body-writer", daemon=True)
-        writer.start()
-        raw, early = read_answer(sock, time.monotonic() + ANSWER_TIMEOUT)
-        seconds = time.perf_counter() - began
-        written = sent
-        stop.set()
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)  # wakes a sendall blocked on a full buffer
-        writer.join(ANSWER_TIMEOUT)
-    status = status_of(raw)
-    if early and status is None:
-        problems.append(early)
-    return BodyAnswer(status or "none", seconds if status else None, written, "; ".join(problems) or None)
+def body_answer(port: int, total: int, framing: str, forwarded: str, start: threading.Barrier | None) -> BodyAnswer:
+    """``total`` body bytes to the login route, written while the answer is read (:func:`send_body`)."""
+    exchange = send_body(port, body_head(LOGIN, total, framing, forwarded), total, framing, ANSWER_TIMEOUT, start)
+    status = status_of(exchange.raw)
+    problems = [f"sending: {type(exchange.send_error).__name__}"] if exchange.send_error is not None else []
+    if exchange.early and status is None:
+        problems.append(exchange.early)
+    seconds = exchange.seconds if status else None
+    return BodyAnswer(status or "none", seconds, exchange.sent, "; ".join(problems) or None)
 
 
 @dataclass
@@ -502,16 +240,16 @@ class BodyRun:
 
 
 def body_run(
-    served: Served, addresses: Addresses, *, framing: str, count: int, size: int, round_number: int
+    served: AbuseTarget, addresses: Addresses, *, framing: str, count: int, size: int, round_number: int
 ) -> BodyRun:
     settled = settle(served)
-    rss_before = proc_status(served.pid)["VmRSS"]
+    rss_before = memory_kib(served.pid)["VmRSS"]
     hwm_reset = reset_peak(served.pid)
     start = threading.Barrier(count) if count > 1 else None
     forwarded = [addresses() for _ in range(count)]
     with Sampler(served.pid, 0.005) as sampler, ThreadPoolExecutor(max_workers=count) as pool:
-        answers = list(pool.map(lambda xff: send_body(served.port, size, framing, xff, start), forwarded))
-    hwm_after = proc_status(served.pid)["VmHWM"]
+        answers = list(pool.map(lambda xff: body_answer(served.port, size, framing, xff, start), forwarded))
+    hwm_after = memory_kib(served.pid)["VmHWM"]
     time.sleep(1.0)
     return BodyRun(
         round_number=round_number,
@@ -523,7 +261,7 @@ def body_run(
         hwm_after_kib=hwm_after,
         hwm_reset=hwm_reset,
         sampled_peak_kib=max(sampler.peak_rss_kib, rss_before),
-        rss_after_kib=proc_status(served.pid)["VmRSS"],
+        rss_after_kib=memory_kib(served.pid)["VmRSS"],
         settle_seconds=settled,
     )
 
@@ -562,7 +300,7 @@ class Health:
 def health_once(port: int, timeout: float) -> str:
     with socket.create_connection((HOST, port), timeout=timeout) as sock:
         sock.sendall(HEALTH_REQUEST)
-        raw, early = read_answer(sock, time.monotonic() + timeout)
+        raw, early = read_response(sock, timeout)
     status = status_of(raw)
     if status is None:
         raise OSError(early or "no status line")
@@ -869,7 +607,7 @@ class AttackRun:
 
 
 def attack_run(
-    served: Served,
+    served: AbuseTarget,
     addresses: Addresses,
     options: argparse.Namespace,
     *,
@@ -881,8 +619,7 @@ def attack_run(
     kinds = ATTACKS[name]
     settle(served, fds=fds_idle + 5)
     engine = SlowSockets(served.port, kinds, options.sockets, options.trickle, addresses)
-    cpu_before, own_before, started = process_cpu_seconds(served.pid), own_cpu_seconds(), time.perf_counter()
-    busy_before = machine_busy_seconds()
+    meter = CpuMeter(served.pid)
     origin = time.time()
     prober = start_health_client(served.port, options.health_rate, origin + options.seconds)
     try:
@@ -890,10 +627,7 @@ def attack_run(
             sockets = engine.run(options.seconds)
     finally:
         health = collect_health(prober, origin, 30.0)
-    wall = time.perf_counter() - started
-    server_cpu = process_cpu_seconds(served.pid) - cpu_before
-    client_cpu = own_cpu_seconds() - own_before
-    other_cpu = max(0.0, machine_busy_seconds() - busy_before - server_cpu - client_cpu)
+    cpu = meter.stop()
     settled = settle(served, fds=fds_idle + 5)
     for kind in kinds:
         figures = sockets["kinds"][kind.name]
@@ -907,10 +641,10 @@ def attack_run(
         "attack": name,
         "sockets": options.sockets,
         "seconds": options.seconds,
-        "wall_seconds": wall,
-        "server_cpu_share": server_cpu / wall if wall else None,
-        "client_cpu_share": client_cpu / wall if wall else None,
-        "other_cpu_share": other_cpu / wall if wall else None,
+        "wall_seconds": cpu.wall,
+        "server_cpu_share": cpu.server / cpu.wall if cpu.wall else None,
+        "client_cpu_share": cpu.client / cpu.wall if cpu.wall else None,
+        "other_cpu_share": cpu.other / cpu.wall if cpu.wall else None,
         "server_peak_rss_mib": sampler.peak_rss_kib / 1024,
         "server_peak_fds": sampler.peak_fds,
         "server_fds_idle": fds_idle,
@@ -923,10 +657,6 @@ def attack_run(
 
 
 # -- the run ---------------------------------------------------------------------------------------
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
 def _seconds(value: float | None) -> str:
@@ -969,13 +699,11 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         progress("starting thallus serve")
         started = time.monotonic()
         served, settings = start_server(stack, options)
-        document["source"] = source_of_thallus(clean_environment(settings))
+        document["source"] = source_of_thallus(settings)
         document["server"] = {
             "port": served.port,
-            "pid": served.pid,
-            "settings": {name: value for name, value in settings.items() if name != "THALLUS_SECRET_KEY"},
-            "start_seconds": time.monotonic() - started,
-            "rss_at_start_mib": proc_status(served.pid)["VmRSS"] / 1024,
+            **served.started(settings, started),
+            "rss_at_start_mib": memory_kib(served.pid)["VmRSS"] / 1024,
         }
         progress(f"  127.0.0.1:{served.port} pid {served.pid}, thallus from {document['source']['package']}")
         health_once(served.port, 10.0)
@@ -994,7 +722,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                         figures = item.document()
                         progress(
                             f"  round {round_number} bodies, {count} × {framing}: {figures['statuses']} in "
-                            f"{_ms(figures['answer_ms_max'])} ms, RSS {figures['rss_before_mib']:,.0f} → peak "
+                            f"{ms(figures['answer_ms_max'])} ms, RSS {figures['rss_before_mib']:,.0f} → peak "
                             f"{figures['peak_mib']:,.0f} → {figures['rss_after_mib']:,.0f} MiB"
                         )
                         document["bodies"].append(figures)
@@ -1013,7 +741,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 }
                 progress(
                     f"  /health alone: {len(baseline.samples)} requests, p99 "
-                    f"{_ms(percentile(baseline.latencies_ms, 0.99))} ms"
+                    f"{ms(percentile(baseline.latencies_ms, 0.99))} ms"
                 )
             for round_number in range(1, options.socket_rounds + 1):
                 for name in attacks:
@@ -1028,19 +756,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                     )
                     report_attack(attack.document)
                     document["attacks"].append(attack.document)
-        document["server"] |= {"rss_at_end_mib": proc_status(served.pid)["VmRSS"] / 1024}
-        served.process.terminate()
-        try:
-            served.process.wait(15)
-        except subprocess.TimeoutExpired:
-            served.process.kill()
-            served.process.wait()
-        time.sleep(0.2)
-        document["server"] |= {
-            "exit_code": served.process.returncode,
-            "output": list(served.output),
-            "log_lines": dict(served.lines),
-        }
+        document["server"] |= {"rss_at_end_mib": memory_kib(served.pid)["VmRSS"] / 1024}
+        document["server"] |= served.stopped()
     document["spread"] = spread(document)
     return document
 
@@ -1054,7 +771,7 @@ def report_attack(item: Mapping[str, Any]) -> None:
     )
     progress(
         f"  round {item['round']} {item['attack']}: peak {item['peak_open']} open; {kinds}; /health "
-        f"{health['requests']} requests, p99 {_ms(health['p99_ms'])} ms, max {_ms(health['max_ms'])} ms"
+        f"{health['requests']} requests, p99 {ms(health['p99_ms'])} ms, max {ms(health['max_ms'])} ms"
     )
 
 
@@ -1088,10 +805,6 @@ def spread(document: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _number(value: float | None, form: str = ",.1f") -> str:
-    return "-" if value is None else format(value, form)
-
-
 def _share(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.0f} %"
 
@@ -1102,11 +815,6 @@ def _statuses(statuses: Mapping[str, int]) -> str:
 
 def render(document: dict[str, Any]) -> str:
     options, source, bounds = document["options"], document["source"], document["bounds"]
-    tree = (
-        f"src/ of {source['commit']} with {source['src_changed']} file(s) changed since (the tree may be mid-change)"
-        if source["in_tree"]
-        else f"NOT this tree's src/ (this repository is at {source['commit']})"
-    )
     set_bounds = ", ".join(
         f"{name}={value:g}"
         for name, value in (
@@ -1119,7 +827,7 @@ def render(document: dict[str, Any]) -> str:
     header: tuple[str, ...]
     lines = [
         *describe(document["environment"]),
-        f"thallus imported from {source['package']}: {tree}",
+        describe_import(source),
         "server: thallus serve, one uvicorn worker on 127.0.0.1, "
         + ", ".join(f"{name}={value}" for name, value in SETTINGS.items() if name != "THALLUS_SECRET_KEY")
         + ", a 48-character secret, SQLite in a temporary THALLUS_DATA_DIR; "
@@ -1142,14 +850,14 @@ def render(document: dict[str, Any]) -> str:
                     str(item["round"]),
                     f"{item['count']} × {item['framing']}",
                     _statuses(item["statuses"]),
-                    _number(item["answer_ms_median"], ",.0f"),
-                    _number(item["answer_ms_max"], ",.0f"),
-                    _number(item["sent_mib_max"]),
-                    _number(item["rss_before_mib"], ",.0f"),
-                    _number(item["peak_mib"], ",.0f") + ("" if item["hwm_reset"] else "*"),
-                    _number(item["peak_growth_mib"], ",.1f"),
-                    _number(item["rss_after_mib"], ",.0f"),
-                    _number(item["after_growth_mib"], ",.1f"),
+                    number(item["answer_ms_median"], ",.0f"),
+                    number(item["answer_ms_max"], ",.0f"),
+                    number(item["sent_mib_max"]),
+                    number(item["rss_before_mib"], ",.0f"),
+                    number(item["peak_mib"], ",.0f") + ("" if item["hwm_reset"] else "*"),
+                    number(item["peak_growth_mib"], ",.1f"),
+                    number(item["rss_after_mib"], ",.0f"),
+                    number(item["after_growth_mib"], ",.1f"),
                 )
             )
         header = (
@@ -1194,9 +902,9 @@ def render(document: dict[str, Any]) -> str:
                     item["attack"],
                     str(health["requests"]),
                     _statuses(health["statuses"]),
-                    _number(health["p50_ms"]),
-                    _number(health["p99_ms"]),
-                    _number(health["max_ms"]),
+                    number(health["p50_ms"]),
+                    number(health["p99_ms"]),
+                    number(health["max_ms"]),
                     _seconds(health["max_at_s"]),
                     _share(item.get("server_cpu_share")),
                     _share(item.get("other_cpu_share", health.get("machine_busy_share"))),
@@ -1268,15 +976,7 @@ def render(document: dict[str, Any]) -> str:
             "to close, median and slowest; answered, open: sockets still open at the end that had been answered; "
             "bound s: when a bound should have closed one (header deadline; body timeout + keep-alive idle)."
         )
-    lines += ["", "Spread over the rounds (min, median, max)"]
-    rows = []
-    for name, values in document["spread"].items():
-        if values is None:
-            rows.append((name, "-", "-", "-", "0"))
-            continue
-        low, middle, high = (_number(values[key]) for key in ("min", "median", "max"))
-        rows.append((name, low, middle, high, str(values["n"])))
-    lines += text_table(("figure", "min", "median", "max", "rounds"), rows)
+    lines += spread_table(document["spread"])
     lines += ["", *notes(document)]
     return "\n".join(lines)
 
@@ -1389,29 +1089,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM unwinds like Ctrl-C, so the server is stopped and its data directory removed."""
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     options = parse_args(argv)
     if options.health_client:
         health_client(options.health_client)
         return
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        document = run(options)
-    except BenchmarkError as exc:
-        progress(f"bench_abuse: {exc}")
-        raise SystemExit(EXIT_FAILED) from None
-    except KeyboardInterrupt:
-        progress("bench_abuse: interrupted; server stopped")
-        raise SystemExit(130) from None
-    if options.json:
-        options.json.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
-        progress(f"raw figures written to {options.json}")
-    print(render(document))
+    conclude("bench_abuse", lambda: run(options), render, json_path=options.json)
 
 
 if __name__ == "__main__":

@@ -34,31 +34,40 @@ import argparse
 import asyncio
 import itertools
 import json
-import math
-import os
-import resource
-import signal
 import ssl
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
-from common import describe, environment, progress, text_table
+from common import ROOT, BenchmarkError, conclude, describe, environment, progress, text_table
+from figures import ms, number, percentile, spread_of, spread_table
+from served import (
+    CpuMeter,
+    CpuUse,
+    Sampler,
+    Served,
+    clean_environment,
+    describe_import,
+    serve,
+    settle,
+    source_of_thallus,
+    thallus_cli,
+)
 
-BENCHMARKS = Path(__file__).resolve().parent
-ROOT = BENCHMARKS.parent
+if str(ROOT) not in sys.path:  # the memory readings are shared with tests/test_bodies_served.py
+    sys.path.insert(0, str(ROOT))
+
+from tests.bodies_support import memory_kib, reset_peak
+
 PACKAGES = ("thallus", "uvicorn", "h11", "starlette", "fastapi", "argon2-cffi", "argon2-cffi-bindings", "httpx")
 PASSWORD = "Correct-Horse-Battery-9!"
 WRONG_PASSWORD = "Wrong-Horse-Battery-0?"
@@ -82,11 +91,6 @@ JSON_HEADERS = {"content-type": "application/json", "origin": APP_ORIGIN}
 API_ADDRESSES = 4096
 #: a client gives up on a request after this long (every loop is bounded by a deadline besides)
 REQUEST_TIMEOUT = 60.0
-EXIT_INVALID = 1
-
-
-class BenchmarkError(Exception):
-    """A set-up or check that failed: reported in one message, the server stopped, exit 1."""
 
 
 # -- addresses ---------------------------------------------------------------------------------
@@ -116,192 +120,26 @@ class Addresses:
 # -- the server ----------------------------------------------------------------------------------
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """``VmRSS`` and ``VmHWM`` of a process, KiB (``/proc/<pid>/status``)."""
-    found = {}
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                found[name] = int(value.split()[0])
-    return found
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset ``VmHWM`` to the current RSS (``5`` to ``clear_refs``, Linux ≥ 4.0); whether it was permitted."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as clear:
-            clear.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (``/proc/<pid>/stat``)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """CPU time all CPUs spent busy (``/proc/stat``: user, nice, system, irq, softirq, steal)."""
-    with open("/proc/stat", encoding="ascii") as stat:
-        fields = [int(value) for value in stat.readline().split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-@dataclass(frozen=True)
-class CpuUse:
-    """CPU seconds over a measured stretch: the server's, this client's, and the rest of the machine's."""
-
-    wall: float
-    server: float
-    client: float
-    other: float
-
-    def document(self) -> dict[str, float]:
-        return {
-            "wall_seconds": self.wall,
-            "server_cpu_seconds": self.server,
-            "client_cpu_seconds": self.client,
-            "other_cpu_seconds": self.other,
-            "other_cpu_share": self.other / self.wall if self.wall else 0.0,
-        }
-
-
-class CpuMeter:
-    """Reads the three CPU clocks at the start; :meth:`stop` gives the :class:`CpuUse` since."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.start = (time.perf_counter(), process_cpu_seconds(pid), own_cpu_seconds(), machine_busy_seconds())
-
-    def stop(self) -> CpuUse:
-        wall, server, client, busy = (
-            time.perf_counter(),
-            process_cpu_seconds(self.pid),
-            own_cpu_seconds(),
-            machine_busy_seconds(),
-        )
-        server -= self.start[1]
-        client -= self.start[2]
-        return CpuUse(wall - self.start[0], server, client, max(0.0, busy - self.start[3] - server - client))
-
-
-def clean_environment(settings: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment without ``THALLUS_*`` (the developer's own), plus ``settings``."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("THALLUS_")}
-    env.update(settings)
-    return env
-
-
-def repository_on_path() -> None:
-    """``tests.server`` (``running_server``, the venv's ``thallus``) is imported from the repository root."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
-
-def thallus_cli(env: Mapping[str, str], *args: str, stdin: str | None = None) -> str:
-    repository_on_path()
-    from tests.server import THALLUS
-
-    done = subprocess.run(
-        [THALLUS, *args], env=dict(env), input=stdin, capture_output=True, text=True, timeout=120, check=False
-    )
-    if done.returncode != 0:
-        raise BenchmarkError(f"thallus {' '.join(args[:2])} failed ({done.returncode}): {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
-def source_of_thallus(env: Mapping[str, str]) -> dict[str, Any]:
-    """Which ``thallus`` package the server imports (``PYTHONPATH`` may point at another tree) and the
-    repository's commit, with the ``src/`` files changed since (the tree may be mid-change)."""
-    done = subprocess.run(
-        [sys.executable, "-c", "import thallus; print(thallus.__file__)"],
-        env=dict(env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    package = Path(done.stdout.strip()).parent if done.returncode == 0 else None
-    commit = changed = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-        changed = len(status.splitlines())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    in_tree = package is not None and package.is_relative_to(ROOT / "src")
-    return {"package": str(package) if package else None, "commit": commit, "src_changed": changed, "in_tree": in_tree}
-
-
 @dataclass
-class Served:
-    """The running ``thallus serve``: its URL, pid, the API key, the users and its last output lines."""
+class LoginTarget(Served):
+    """The running ``thallus serve``: its URL, the API key and the users."""
 
     url: str
-    process: subprocess.Popen[str]
     api_key: str
     users: list[str]
-    output: deque[str] = field(default_factory=lambda: deque(maxlen=60))
-    lines: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def drain(self) -> None:
-        """Read the server's output in a thread, so a chatty server can never block on a full pipe;
-        count the lines that matter here."""
-        stream = self.process.stdout
-        if stream is None:
-            return
-
-        def read(stream: IO[str] = stream) -> None:
-            for raw in stream:
-                line = raw.rstrip()
-                self.output.append(line)
-                if "password hashing saturated" in line:
-                    self.lines["hashing_saturated"] += 1
-                elif "Traceback" in line:
-                    self.lines["tracebacks"] += 1
-
-        threading.Thread(target=read, name="drain-thallus", daemon=True).start()
+    counted = (("hashing_saturated", ("password hashing saturated",)), ("tracebacks", ("Traceback",)))
 
 
-def start_server(stack: ExitStack, addresses: Addresses, users: int) -> tuple[Served, dict[str, str]]:
+def start_server(stack: ExitStack, addresses: Addresses, users: int) -> tuple[LoginTarget, dict[str, str]]:
     """A data directory with a user and an API key made by the CLI, ``thallus serve`` on it, then
     ``users`` accounts registered through the API (each client of the throughput runs signs in as its own)."""
-    repository_on_path()
-    from tests.server import running_server
-
     data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="thallus-bench-login-"))
     settings = {**SETTINGS, "THALLUS_DATA_DIR": data_dir}
     env = clean_environment(settings)
     thallus_cli(env, "users", "create", "--email", API_EMAIL, "--password", "-", "--api-access", stdin=PASSWORD + "\n")
     api_key = thallus_cli(env, "keys", "create", "--email", API_EMAIL, "--name", "bench")
-    try:
-        server = stack.enter_context(running_server(settings))
-    except RuntimeError as exc:  # running_server's report of a server that exited or never answered
-        raise BenchmarkError(f"thallus serve did not start: {exc}") from None
-    served = Served(server.url, server.process, api_key, [])
+    server = serve(stack, settings)
+    served = LoginTarget(server.process, url=server.url, api_key=api_key, users=[])
     served.drain()
     with httpx.Client(base_url=served.url, timeout=REQUEST_TIMEOUT) as client:
         for index in range(users):
@@ -320,26 +158,7 @@ def start_server(stack: ExitStack, addresses: Addresses, users: int) -> tuple[Se
     return served, settings
 
 
-def settle(served: Served, limit: float = 30.0) -> float:
-    """Wait until the server is idle (under 5 % of a CPU over 0.5 s), at most ``limit`` seconds; the wait."""
-    started = time.monotonic()
-    while time.monotonic() - started < limit:
-        before = process_cpu_seconds(served.pid)
-        time.sleep(0.5)
-        if process_cpu_seconds(served.pid) - before < 0.025:
-            break
-    return time.monotonic() - started
-
-
 # -- figures ---------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], fraction: float) -> float | None:
-    """Nearest rank: the smallest value with at least ``fraction`` of the values at or below it."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 @dataclass
@@ -503,7 +322,7 @@ def login_body(email: str, password: str) -> bytes:
 
 
 async def throughput(
-    served: Served, addresses: Addresses, clients: int, seconds: float, round_number: int, *, once: bool = False
+    served: LoginTarget, addresses: Addresses, clients: int, seconds: float, round_number: int, *, once: bool = False
 ) -> Throughput:
     """``clients`` closed-loop clients, each signing in as its own user until ``seconds`` have passed
     (``once``: exactly one login each); the run lasts until the last login started is answered."""
@@ -537,7 +356,7 @@ class ApiKeyClient:
     """One legitimate script: sequential ``GET /api/v1/users/me`` with ``X-API-Key`` on its own thread
     (its own connection; its timing does not wait on the burst's event loop)."""
 
-    def __init__(self, served: Served, addresses: Addresses) -> None:
+    def __init__(self, served: LoginTarget, addresses: Addresses) -> None:
         self.served = served
         self.addresses = addresses
         self.client = httpx.Client(base_url=served.url, timeout=REQUEST_TIMEOUT)
@@ -579,35 +398,6 @@ class ApiKeyClient:
         return join
 
 
-class RssSampler:
-    """``VmRSS`` every 20 ms on a thread: a cross-check of ``VmHWM`` and the profile over the burst."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self._started = 0.0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                rss = proc_status(self.pid)["VmRSS"]
-            except (OSError, KeyError):
-                return
-            self.samples.append((round(time.perf_counter() - self._started, 3), rss))
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> RssSampler:
-        self._started = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 @dataclass
 class Fired:
     """The burst's answers, and when each request was on the wire (httpcore's trace events)."""
@@ -620,7 +410,7 @@ class Fired:
 
 
 async def fire_burst(
-    served: Served,
+    served: LoginTarget,
     addresses: Addresses,
     size: int,
     round_number: int,
@@ -690,14 +480,14 @@ async def fire_burst(
 
 
 def burst(
-    served: Served, addresses: Addresses, api: ApiKeyClient, options: argparse.Namespace, round_number: int
+    served: LoginTarget, addresses: Addresses, api: ApiKeyClient, options: argparse.Namespace, round_number: int
 ) -> Burst:
     """The API-key baseline, then the burst with the API-key client and the RSS sampler running."""
     settle(served)
     api.warm()
     baseline = api.run(threading.Event(), options.seconds)
     settle(served)
-    rss_before = proc_status(served.pid)["VmRSS"]
+    rss_before = memory_kib(served.pid)["VmRSS"]
     hwm_reset = reset_peak(served.pid)
     saturated_before = served.lines["hashing_saturated"]
     stop = threading.Event()
@@ -707,7 +497,7 @@ def burst(
         started.append((CpuMeter(served.pid), api.start(stop, options.burst_timeout + 30)))
 
     api.warm()
-    with RssSampler(served.pid) as sampler:
+    with Sampler(served.pid, 0.02) as sampler:
         try:
             fired = asyncio.run(
                 fire_burst(served, addresses, options.burst, round_number, options.burst_timeout, at_release=at_release)
@@ -717,7 +507,7 @@ def burst(
         meter, join = started[0]
         cpu = meter.stop()
         during = join()
-    after = proc_status(served.pid)
+    after = memory_kib(served.pid)
     settled = settle(served)
     time.sleep(0.2)  # the drain thread's last lines of the burst
     return Burst(
@@ -732,7 +522,7 @@ def burst(
         hwm_after_kib=after["VmHWM"],
         hwm_reset=hwm_reset,
         sampled_peak_kib=max([rss for _, rss in sampler.samples] + [rss_before]),
-        rss_after_kib=proc_status(served.pid)["VmRSS"],
+        rss_after_kib=memory_kib(served.pid)["VmRSS"],
         rss_samples_kib=sampler.samples,
         cpu=cpu,
         saturated_log_lines=served.lines["hashing_saturated"] - saturated_before,
@@ -743,15 +533,11 @@ def burst(
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
-
-
 def report_throughput(item: Throughput) -> None:
     r = item.requests
     progress(
         f"  round {item.round_number} logins, {item.clients:>2} client(s): {item.per_second:5.2f}/s  "
-        f"p50 {_ms(percentile(r.latencies_ms, 0.5))} ms  p99 {_ms(percentile(r.latencies_ms, 0.99))} ms  "
+        f"p50 {ms(percentile(r.latencies_ms, 0.5))} ms  p99 {ms(percentile(r.latencies_ms, 0.99))} ms  "
         f"statuses {dict(r.statuses)}" + (f"  INVALID: {'; '.join(item.problems)}" if item.problems else "")
     )
 
@@ -760,9 +546,9 @@ def report_burst(item: Burst) -> None:
     progress(
         f"  round {item.round_number} burst of {item.size}: {item.by_kind()} in {item.requests.seconds:.1f} s, "
         f"peak RSS +{item.peak_growth_mib:,.0f} MiB; API key {item.api.count} requests, "
-        f"p99 {_ms(percentile(item.api.latencies_ms, 0.99))} ms, "
-        f"max {_ms(max(item.api.latencies_ms, default=None))} ms "
-        f"(baseline p99 {_ms(percentile(item.baseline.latencies_ms, 0.99))} ms)"
+        f"p99 {ms(percentile(item.api.latencies_ms, 0.99))} ms, "
+        f"max {ms(max(item.api.latencies_ms, default=None))} ms "
+        f"(baseline p99 {ms(percentile(item.baseline.latencies_ms, 0.99))} ms)"
     )
 
 
@@ -785,13 +571,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         progress("creating the API-key user and key (thallus users/keys create), starting thallus serve")
         started = time.monotonic()
         served, settings = start_server(stack, addresses, max(options.concurrency))
-        document["source"] = source_of_thallus(clean_environment(settings))
-        document["server"] = {
-            "url": served.url,
-            "pid": served.pid,
-            "settings": {name: value for name, value in settings.items() if name != "THALLUS_SECRET_KEY"},
-            "start_seconds": time.monotonic() - started,
-        }
+        document["source"] = source_of_thallus(settings)
+        document["server"] = {"url": served.url, **served.started(settings, started)}
         progress(
             f"  {served.url} pid {served.pid}, thallus from {document['source']['package']}; "
             f"{len(served.users)} users registered"
@@ -812,19 +593,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 item_burst = burst(served, addresses, api, options, round_number)
                 report_burst(item_burst)
                 bursts.append(item_burst)
-        served.process.terminate()
-        try:
-            served.process.wait(15)
-        except subprocess.TimeoutExpired:
-            served.process.kill()
-            served.process.wait()
-        time.sleep(0.2)
-        document["server"] |= {
-            "exit_code": served.process.returncode,
-            "output": list(served.output),
-            "log_lines": dict(served.lines),
-            "login_addresses_used": addresses.logins_used,
-        }
+        document["server"] |= {**served.stopped(), "login_addresses_used": addresses.logins_used}
     document["throughput"] = [item.document() for item in throughputs]
     document["bursts"] = [item.document() for item in bursts]
     document["spread"] = spread(document)
@@ -832,13 +601,6 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- reporting -------------------------------------------------------------------------------------
-
-
-def spread_of(values: Sequence[float | None]) -> dict[str, float | int] | None:
-    present = [value for value in values if value is not None]
-    if not present:
-        return None
-    return {"min": min(present), "median": statistics.median(present), "max": max(present), "n": len(present)}
 
 
 def spread(document: Mapping[str, Any]) -> dict[str, Any]:
@@ -873,10 +635,6 @@ def spread(document: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _number(value: float | None, form: str = ",.1f") -> str:
-    return "-" if value is None else format(value, form)
-
-
 def _share(seconds: float, wall: float) -> str:
     """CPU seconds over a wall-clock stretch, as a share of one CPU."""
     return f"{seconds / wall * 100:.0f} %" if wall else "-"
@@ -888,14 +646,9 @@ def _statuses(statuses: Mapping[str, int]) -> str:
 
 def render(document: dict[str, Any]) -> str:
     options, source = document["options"], document["source"]
-    tree = (
-        f"src/ of {source['commit']} with {source['src_changed']} file(s) changed since (the tree may be mid-change)"
-        if source["in_tree"]
-        else f"NOT this tree's src/ (this repository is at {source['commit']})"
-    )
     lines = [
         *describe(document["environment"]),
-        f"thallus imported from {source['package']}: {tree}",
+        describe_import(source),
         "server: thallus serve, one uvicorn worker on 127.0.0.1, "
         + ", ".join(f"{name}={value}" for name, value in SETTINGS.items() if name != "THALLUS_SECRET_KEY")
         + ", a 48-character secret, SQLite in a temporary THALLUS_DATA_DIR; THALLUS_ARGON2_* and "
@@ -913,12 +666,12 @@ def render(document: dict[str, Any]) -> str:
             (
                 str(run["round"]),
                 str(run["clients"]),
-                _number(run["logins_per_second"], ".2f") if run["valid"] else "INVALID",
+                number(run["logins_per_second"], ".2f") if run["valid"] else "INVALID",
                 str(run["requests"]),
-                _number(run["p50_ms"], ",.0f"),
-                _number(run["p99_ms"], ",.0f"),
-                _number(run["max_ms"], ",.0f"),
-                _number(run["server_cpu_ms_per_login"], ",.0f"),
+                number(run["p50_ms"], ",.0f"),
+                number(run["p99_ms"], ",.0f"),
+                number(run["max_ms"], ",.0f"),
+                number(run["server_cpu_ms_per_login"], ",.0f"),
                 _share(run["server_cpu_seconds"], run["wall_seconds"]),
                 _share(run["other_cpu_seconds"], run["wall_seconds"]),
                 _statuses(run["statuses"]),
@@ -947,11 +700,11 @@ def render(document: dict[str, Any]) -> str:
                 (
                     str(item["round"]),
                     *(str(kinds[kind]) for kind in ("401", "429", "503", "5xx", "other")),
-                    _number(item["last_written_s"] * 1000 if item["last_written_s"] is not None else None, ",.0f"),
-                    _number(item["duration_seconds"], ".1f"),
-                    _number(item["rss_before_mib"], ",.0f"),
-                    _number(item["peak_growth_mib"], ",.0f") + ("" if item["hwm_reset_before_burst"] else "*"),
-                    _number(item["sampled_peak_growth_mib"], ",.0f"),
+                    number(item["last_written_s"] * 1000 if item["last_written_s"] is not None else None, ",.0f"),
+                    number(item["duration_seconds"], ".1f"),
+                    number(item["rss_before_mib"], ",.0f"),
+                    number(item["peak_growth_mib"], ",.0f") + ("" if item["hwm_reset_before_burst"] else "*"),
+                    number(item["sampled_peak_growth_mib"], ",.0f"),
                     _share(item["server_cpu_seconds"], item["wall_seconds"]),
                     _share(item["other_cpu_seconds"], item["wall_seconds"]),
                 )
@@ -983,14 +736,14 @@ def render(document: dict[str, Any]) -> str:
                 (
                     str(item["round"]),
                     str(api["requests"]),
-                    _number(api["p50_ms"]),
-                    _number(api["p99_ms"]),
-                    _number(api["max_ms"]),
+                    number(api["p50_ms"]),
+                    number(api["p99_ms"]),
+                    number(api["max_ms"]),
                     str(sum(count for status, count in api["statuses"].items() if status != "200")),
                     str(base["requests"]),
-                    _number(base["p50_ms"]),
-                    _number(base["p99_ms"]),
-                    _number(base["max_ms"]),
+                    number(base["p50_ms"]),
+                    number(base["p99_ms"]),
+                    number(base["max_ms"]),
                     str(sum(count for status, count in base["statuses"].items() if status != "200")),
                 )
             )
@@ -1015,16 +768,10 @@ def render(document: dict[str, Any]) -> str:
             "20 ms. CPU columns, here and above: share of one CPU over the run; other = the machine's busy "
             "time beyond the server and this client (other work on the machine)."
         )
-    lines += ["", "Spread over the rounds (min, median, max)"]
-    rows = []
-    for name, values in document["spread"].items():
-        if values is None:
-            rows.append((name, "-", "-", "-", "0"))
-            continue
-        form = ",.2f" if "logins/s" in name else ",.1f" if values["max"] < 1000 else ",.0f"
-        low, middle, high = (_number(values[key], form) for key in ("min", "median", "max"))
-        rows.append((name, low, middle, high, str(values["n"])))
-    lines += text_table(("figure", "min", "median", "max", "rounds"), rows)
+    lines += spread_table(
+        document["spread"],
+        lambda name, values: ",.2f" if "logins/s" in name else ",.1f" if values["max"] < 1000 else ",.0f",
+    )
     lines += ["", *notes(document)]
     return "\n".join(lines)
 
@@ -1110,28 +857,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM unwinds like Ctrl-C, so the server is stopped and its data directory removed."""
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     options = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        document = run(options)
-    except BenchmarkError as exc:
-        progress(f"bench_login: {exc}")
-        raise SystemExit(EXIT_INVALID) from None
-    except KeyboardInterrupt:
-        progress("bench_login: interrupted; server stopped")
-        raise SystemExit(130) from None
-    if options.json:
-        options.json.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
-        progress(f"raw figures written to {options.json}")
-    print(render(document))
-    if any(not run["valid"] for run in document["throughput"]):
-        raise SystemExit(EXIT_INVALID)
+    conclude(
+        "bench_login",
+        lambda: run(options),
+        render,
+        json_path=options.json,
+        invalid=lambda document: any(not item["valid"] for item in document["throughput"]),
+    )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,7 @@ p50 and p99. A figure, never an assertion: tests/test_revocation_served.py asser
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import signal
 import socket
 import statistics
 import sys
@@ -51,19 +49,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from bench_service import (
-    ROOT,
-    BenchmarkError,
-    clean_environment,
-    describe_source,
-    postgres_database,
-    source_of_thallus,
-    thallus_cli,
-)
-from common import describe, environment, progress, text_table
+from bench_service import postgres_database
+from common import ROOT, BenchmarkError, conclude, describe, environment, progress, text_table
+from figures import percentile
+from served import clean_environment, describe_source, source_of_thallus, thallus_cli
 
 if str(ROOT) not in sys.path:  # the served helpers live with the test they serve
     sys.path.insert(0, str(ROOT))
@@ -78,7 +69,6 @@ KINDS = ("session", "api_key")
 EMAIL = "bench-revocation@example.com"
 PASSWORD = "Correct-Horse-Battery-9!"
 ME = "/api/v1/users/me"
-EXIT_INVALID = 1
 
 
 # -- the set-ups -----------------------------------------------------------------------------------
@@ -339,14 +329,6 @@ class Round:
 # -- figures ---------------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], fraction: float) -> float | None:
-    """The nearest-rank percentile (of 100 values, p99 is the 99th smallest)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
 def figures(revocations: Sequence[Revocation]) -> dict[str, Any]:
     delays = [item.delay_ms for item in revocations if item.problem is None]
     lower = [item.last_accepted_ms for item in revocations if item.last_accepted_ms is not None]
@@ -397,7 +379,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         "setups": {},
         "skipped": {},
     }
-    document["source"] = source_of_thallus(clean_environment(served_environment()))
+    document["source"] = source_of_thallus(served_environment(), package_tree=True)
     makers = {"postgresql": postgres_instances, "sqlite": sqlite_workers}
     for name in options.setups:
         with ExitStack() as stack:
@@ -540,26 +522,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     options = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        document = run(options)
-    except BenchmarkError as exc:
-        progress(f"bench_revocation: {exc}")
-        raise SystemExit(EXIT_INVALID) from None
-    except KeyboardInterrupt:
-        progress("bench_revocation: interrupted; servers stopped")
-        raise SystemExit(130) from None
-    if options.json is not None:
-        options.json.write_text(json.dumps(document, indent=2, default=str))
-    print(render(document))
-    if any(result["pooled"]["problems"] for result in document["setups"].values()):
-        raise SystemExit(EXIT_INVALID)
+    conclude(
+        "bench_revocation",
+        lambda: run(options),
+        render,
+        json_path=options.json,
+        invalid=lambda document: any(result["pooled"]["problems"] for result in document["setups"].values()),
+        stopped="servers stopped",
+    )
 
 
 if __name__ == "__main__":

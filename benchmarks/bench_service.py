@@ -48,16 +48,13 @@ import json
 import math
 import os
 import re
-import resource
 import secrets
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import deque
@@ -65,17 +62,33 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 import asyncpg
 import coredis
 import httpx
 
-from common import describe, environment, progress, redacted_url, text_table
+from common import ROOT, BenchmarkError, conclude, describe, environment, progress, redacted_url, text_table
+from figures import median
+from served import (
+    Served,
+    children_cpu_seconds,
+    clean_environment,
+    describe_source,
+    machine_busy_seconds,
+    process_cpu_seconds,
+    serve,
+    shown_settings,
+    source_of_thallus,
+    thallus_cli,
+)
 
-BENCHMARKS = Path(__file__).resolve().parent
-ROOT = BENCHMARKS.parent
+if str(ROOT) not in sys.path:  # tests.server is imported from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from tests.server import free_port
+
+BENCHMARKS = ROOT / "benchmarks"
 WRK_SCRIPT = BENCHMARKS / "wrk_statuses.lua"
 PACKAGES = ("thallus", "uvicorn", "h11", "httptools", "uvloop", "starlette", "fastapi", "limits", "coredis")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -97,12 +110,7 @@ SETTINGS = {
     "THALLUS_RATE_LIMIT_AUTH": LIMIT,
     "THALLUS_LOG_LEVEL": "WARNING",
 }
-EXIT_INVALID = 1
 EXIT_NO_WRK = 2
-
-
-class BenchmarkError(Exception):
-    """A set-up or check that failed: reported in one message, the servers stopped, exit 1."""
 
 
 # -- what is measured --------------------------------------------------------------------------
@@ -313,26 +321,6 @@ class WrkRun:
         }
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (``/proc/<pid>/stat``)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """CPU time all CPUs spent busy (``/proc/stat``: user, nice, system, irq, softirq, steal)."""
-    with open("/proc/stat", encoding="ascii") as stat:
-        fields = [int(value) for value in stat.readline().split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 @dataclass
 class Load:
     """How wrk is run: the binary, its shape, and the CPU it is pinned to (``None``: unpinned)."""
@@ -400,8 +388,8 @@ class Load:
 
 
 @dataclass
-class Served:
-    """A running server process: its URL and pid, the credential it expects, its last output lines."""
+class ServiceTarget(Served):
+    """A running server process: its URL, the credential it expects, its last output lines."""
 
     name: str
     description: str
@@ -423,26 +411,7 @@ class Served:
     uses_redis: bool = False
     database: str = "-"
     thallus: bool = True
-    output: deque[str] = field(default_factory=lambda: deque(maxlen=40))
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def drain(self) -> None:
-        """Read the server's output in a thread, so a chatty server can never block on a full pipe."""
-        stream = self.process.stdout
-        if stream is None:
-            return
-
-        def read(stream: IO[str] = stream) -> None:
-            for line in stream:
-                self.output.append(line.rstrip())
-
-        threading.Thread(target=read, name=f"drain-{self.name}", daemon=True).start()
-
-    def stop(self) -> None:
-        test_helpers().stop_process(self.process, 15)
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=40), kw_only=True)
 
     def headers(self, request: Request) -> list[str]:
         # the bare app gets the same header (one it does not read), so both parse the same bytes
@@ -468,23 +437,6 @@ class Served:
         self.bearer_token = response.json()["access_token"]
 
 
-def clean_environment(settings: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment without ``THALLUS_*`` (the developer's own), plus ``settings``."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("THALLUS_")}
-    env.update(settings)
-    return env
-
-
-def test_helpers() -> Any:
-    """The ``tests.server`` module (``free_port``, ``THALLUS``, ``running_server``, ``stop_process``),
-    with the repository root on the path."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import tests.server
-
-    return tests.server
-
-
 def wait_until_up(process: subprocess.Popen[str], url: str, name: str) -> None:
     deadline = time.monotonic() + 20
     while True:
@@ -500,11 +452,11 @@ def wait_until_up(process: subprocess.Popen[str], url: str, name: str) -> None:
             time.sleep(0.1)
 
 
-def start_bare(stack: ExitStack) -> Served:
+def start_bare(stack: ExitStack) -> ServiceTarget:
     return start_uvicorn(stack, "bare", "plain Starlette app, no middleware", "bare_service:app", {})
 
 
-def start_anchor(stack: ExitStack, anchor: AnchorCredentials) -> Served:
+def start_anchor(stack: ExitStack, anchor: AnchorCredentials) -> ServiceTarget:
     served = start_uvicorn(
         stack,
         "anchor",
@@ -516,10 +468,9 @@ def start_anchor(stack: ExitStack, anchor: AnchorCredentials) -> Served:
     return served
 
 
-def start_uvicorn(stack: ExitStack, name: str, description: str, app: str, env: Mapping[str, str]) -> Served:
+def start_uvicorn(stack: ExitStack, name: str, description: str, app: str, env: Mapping[str, str]) -> ServiceTarget:
     """``python -m uvicorn`` with what ``thallus serve`` passes to it (no access log, no ``Server``
     header, no proxy headers), one worker."""
-    free_port = test_helpers().free_port
     port = free_port()
     command = [
         sys.executable,
@@ -543,7 +494,7 @@ def start_uvicorn(stack: ExitStack, name: str, description: str, app: str, env: 
     process = subprocess.Popen(
         command, env=clean_environment(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    served = Served(name, description, f"http://127.0.0.1:{port}", process, thallus=False)
+    served = ServiceTarget(process, name=name, description=description, url=f"http://127.0.0.1:{port}", thallus=False)
     stack.callback(served.stop)
     wait_until_up(process, served.url, f"the {name} app")
     served.drain()
@@ -583,22 +534,11 @@ class AnchorCredentials:
         return {"BENCH_ANCHOR_SECRET": self.secret, "BENCH_ANCHOR_KID": self.kid, "BENCH_ANCHOR_API_KEY": self.api_key}
 
 
-def thallus_cli(env: Mapping[str, str], *args: str, stdin: str | None = None) -> str:
-    thallus = test_helpers().THALLUS
-    done = subprocess.run(
-        [thallus, *args], env=dict(env), input=stdin, capture_output=True, text=True, timeout=120, check=False
-    )
-    if done.returncode != 0:
-        raise BenchmarkError(f"thallus {' '.join(args[:2])} failed ({done.returncode}): {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
 def start_thallus(
     stack: ExitStack, config: ServerConfig, redis: RedisTarget | None, *, needs_user: bool, needs_key: bool
-) -> Served:
+) -> ServiceTarget:
     """A data directory (and for PostgreSQL a database of the run's own), a user and an API key made
     by the CLI in it (when a run sends a credential), then ``thallus serve`` on it."""
-    running_server = test_helpers().running_server
     data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"thallus-bench-service-{config.name}-"))
     settings = {**SETTINGS, **config.settings, "THALLUS_DATA_DIR": data_dir}
     if config.redis:
@@ -616,16 +556,13 @@ def start_thallus(
         thallus_cli(env, "users", "create", "--email", EMAIL, "--password", "-", "--api-access", stdin=PASSWORD + "\n")
     if needs_key:
         api_key = thallus_cli(env, "keys", "create", "--email", EMAIL, "--name", "bench-service")
-    try:
-        server = stack.enter_context(running_server(settings))
-    except RuntimeError as exc:  # running_server's report of a server that exited or never answered
-        raise BenchmarkError(f"thallus serve ({config.name}: {config.description}) did not start: {exc}") from None
-    served = Served(
-        config.name,
-        config.description,
-        server.url,
+    server = serve(stack, settings, f"thallus serve ({config.name}: {config.description})")
+    served = ServiceTarget(
         server.process,
-        settings={name: value for name, value in settings.items() if name != "THALLUS_SECRET_KEY"},
+        name=config.name,
+        description=config.description,
+        url=server.url,
+        settings=shown_settings(settings),
         variables={
             name: redacted_url(value) if name == "THALLUS_DATABASE_URL" else value
             for name, value in settings.items()
@@ -643,7 +580,7 @@ def start_thallus(
     return served
 
 
-def pin(served: Served, cpu: int) -> None:
+def pin(served: ServiceTarget, cpu: int) -> None:
     """Every thread of the server on ``cpu`` (what ``taskset -a -p -c CPU PID`` does); new threads inherit it."""
     for task in Path(f"/proc/{served.pid}/task").iterdir():
         try:
@@ -774,52 +711,10 @@ def postgres_database(purpose: str) -> Iterator[tuple[str | None, str | None]]:
         _postgres_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def source_of_thallus(env: Mapping[str, str]) -> dict[str, Any]:
-    """Which ``thallus`` package the servers import (``PYTHONPATH`` may point at another tree, such
-    as a clone at a fixed commit) and the commit of the git tree it lives in, with the number of
-    ``src/`` files changed since (a tree may be mid-change: another engineer's work, measured as it
-    stands)."""
-    done = subprocess.run(
-        [sys.executable, "-c", "import thallus; print(thallus.__file__)"],
-        env=dict(env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    package = Path(done.stdout.strip()).parent if done.returncode == 0 else None
-    in_tree = package is not None and package.is_relative_to(ROOT / "src")
-    tree = ROOT if in_tree or package is None else package
-    commit = changed = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--", "."],
-            cwd=tree if not in_tree else ROOT / "src",
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-        changed = len(status.splitlines())
-    except (OSError, subprocess.SubprocessError):  # not in a git tree: the commit is unknown
-        pass
-    return {"package": str(package) if package else None, "commit": commit, "src_changed": changed, "in_tree": in_tree}
-
-
-def describe_source(source: Mapping[str, Any]) -> str:
-    """One report line: the commit, and whether the servers ran it as committed."""
-    changed = f", {source['src_changed']} files changed since" if source["src_changed"] else ""
-    where = "this tree's src/" if source["in_tree"] else f"{source['package']}, not this tree's src/"
-    return f"thallus at commit {source['commit'] or '? (not in a git tree)'}{changed} ({where})"
-
-
 # -- checks ------------------------------------------------------------------------------------
 
 
-def check_request(served: Served, request: Request, redis: RedisTarget | None) -> None:
+def check_request(served: ServiceTarget, request: Request, redis: RedisTarget | None) -> None:
     """Send the scenario's request once and check it is answered as the run assumes, so a
     misconfiguration (a refusal, a limiter that is off or failing open) is never timed."""
     if request.bearer and served.thallus:
@@ -856,7 +751,7 @@ def bare_user_email() -> str:
     return str(USER["email"])
 
 
-def count_request_records(served: Served) -> int | None:
+def count_request_records(served: ServiceTarget) -> int | None:
     """``request`` audit records in a stopped server's SQLite database."""
     if served.data_dir is None or served.database != "sqlite":
         return None
@@ -907,7 +802,7 @@ def bare_name(kind: str) -> str:
 
 def measure(
     load: Load,
-    served: Served,
+    served: ServiceTarget,
     request: Request,
     *,
     name: str,
@@ -985,7 +880,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     document: dict[str, Any] = {
         "benchmark": "thallus bench_service",
         "environment": environment(PACKAGES),
-        "source": source_of_thallus(clean_environment(SETTINGS)),
+        "source": source_of_thallus(SETTINGS, package_tree=True),
         "wrk": {"path": wrk, "version": wrk_version(wrk)},
         "options": {
             "seconds": options.seconds,
@@ -1018,7 +913,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         raise BenchmarkError(f"nothing left to run (Redis: {redis_skipped}; PostgreSQL: {postgres_skipped})")
     needed = {server for _, server, _ in order}
     measured: list[Measured] = []
-    servers: dict[str, Served] = {}
+    servers: dict[str, ServiceTarget] = {}
     with ExitStack() as stack:
         if redis is not None:
             stack.callback(redis.delete_keys)
@@ -1078,7 +973,10 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
 
 
 def audit_check(
-    servers: Mapping[str, Served], measured: Sequence[Measured], order: Sequence[tuple[str, str, str]], connections: int
+    servers: Mapping[str, ServiceTarget],
+    measured: Sequence[Measured],
+    order: Sequence[tuple[str, str, str]],
+    connections: int,
 ) -> dict[str, Any]:
     """Per ``thallus serve`` on SQLite: the POSTs wrk counted as answered (warm-ups, the check
     request and the benchmark's own logins included) and the ``request`` records stored. wrk does
@@ -1099,10 +997,6 @@ def audit_check(
             "audit_enabled": served.settings.get("THALLUS_AUDIT_ENABLED", "true") != "false",
         }
     return result
-
-
-def median(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def round_ratios(valid: Sequence[Measured], baseline: str, measured: Sequence[Measured]) -> dict[str, list[float]]:
@@ -1485,25 +1379,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM unwinds like Ctrl-C, so the servers are stopped and the Redis keys deleted."""
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     options = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        document = run(options)
-    except BenchmarkError as exc:
-        progress(f"bench_service: {exc}")
-        raise SystemExit(EXIT_INVALID) from None
-    except KeyboardInterrupt:
-        progress("bench_service: interrupted; servers stopped")
-        raise SystemExit(130) from None
-    print(json.dumps(document, indent=2, default=str) if options.json else render(document))
-    if any(not item["valid"] for item in document["runs"]):
-        raise SystemExit(EXIT_INVALID)
+    conclude(
+        "bench_service",
+        lambda: run(options),
+        render,
+        print_json=options.json,
+        invalid=lambda document: any(not item["valid"] for item in document["runs"]),
+        stopped="servers stopped",
+    )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,28 @@
-"""What every benchmark prints about where it ran, and its progress lines (on stderr)."""
+"""What every benchmark prints about where it ran, its progress lines (on stderr), and how a
+benchmark's run ends (its report, its JSON, its exit status)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import signal
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
+from pathlib import Path
+from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+#: the repository (the benchmarks live in its ``benchmarks/``)
+ROOT = Path(__file__).resolve().parent.parent
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class BenchmarkError(Exception):
+    """A set-up step or check that failed: reported in one message, the servers stopped, exit 1."""
 
 
 def progress(text: str) -> None:
@@ -67,3 +81,39 @@ def redacted_url(url: str) -> str:
         return url
     host = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the servers are stopped and their data directories removed."""
+    raise KeyboardInterrupt
+
+
+def conclude(
+    name: str,
+    run: Callable[[], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+    *,
+    json_path: Path | None = None,
+    print_json: bool = False,
+    invalid: Callable[[dict[str, Any]], bool] | None = None,
+    stopped: str = "server stopped",
+) -> None:
+    """A benchmark's ``main`` once its options are parsed: ``run`` (SIGTERM unwinds it like Ctrl-C:
+    exit 130; a :class:`BenchmarkError` is one message on stderr: exit 1), every raw figure written
+    to ``json_path`` if given, then the report (``render``, or the figures as JSON with
+    ``print_json``) on stdout; exit 1 if ``invalid`` says the figures must not be trusted."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        document = run()
+    except BenchmarkError as exc:
+        progress(f"{name}: {exc}")
+        raise SystemExit(EXIT_FAILED) from None
+    except KeyboardInterrupt:
+        progress(f"{name}: interrupted; {stopped}")
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    if json_path is not None:
+        json_path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+        progress(f"raw figures written to {json_path}")
+    print(json.dumps(document, indent=2, default=str) if print_json else render(document))
+    if invalid is not None and invalid(document):
+        raise SystemExit(EXIT_FAILED)

@@ -18,12 +18,10 @@ reaches the body limit with the production stack otherwise untouched.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bodies_support import body_head, memory_kib, read_response, reset_peak, send_body
 from tests.server import Server, running_server
 
 LOGIN = "/api/v1/auth/login"
@@ -38,7 +37,6 @@ API_KEYS = "/api/v1/api-keys"
 MiB = 1024 * 1024
 DEFAULT_LIMIT = 1024 * 1024
 ATTACK_BYTES = 200 * MiB
-CHUNK = 64 * 1024
 #: Peak RSS growth allowed for one refused 200 MiB body, and for four at once (the old code: +400 MiB, +2.6 GiB).
 ONE_BODY_GROWTH_MIB = 64
 FOUR_BODIES_GROWTH_MIB = 128
@@ -75,17 +73,6 @@ def small_limit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
 # -- the server's memory ---------------------------------------------------------------------------
 
 
-def memory_kib(pid: int) -> dict[str, int]:
-    """``VmRSS`` and ``VmHWM`` of a process, KiB."""
-    found = {}
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                found[name] = int(value.split()[0])
-    return found
-
-
 class PeakMemory:
     """The server's peak RSS growth over a ``with`` block: ``VmHWM`` (reset on entry through
     ``clear_refs``) and the highest ``VmRSS`` sampled every 5 ms, over ``VmRSS`` on entry."""
@@ -104,12 +91,7 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         self.before = self.peak = memory_kib(self.pid)["VmRSS"]
-        try:
-            with open(f"/proc/{self.pid}/clear_refs", "w", encoding="ascii") as clear:
-                clear.write("5")  # VmHWM := VmRSS
-            self.hwm_reset = True
-        except OSError:
-            pass
+        self.hwm_reset = reset_peak(self.pid)  # VmHWM := VmRSS
         self._thread.start()
         return self
 
@@ -127,38 +109,6 @@ class PeakMemory:
 # -- the attack ------------------------------------------------------------------------------------
 
 
-def json_body(total: int) -> Iterator[bytes]:
-    """A valid JSON login body of exactly ``total`` bytes, 64 KiB at a time, never held whole."""
-    prefix, suffix = b'{"email":"attacker@example.com","password":"', b'"}'
-    yield prefix
-    filler = memoryview(b"a" * CHUNK)
-    remaining = total - len(prefix) - len(suffix)
-    while remaining > 0:
-        piece = filler[: min(CHUNK, remaining)]
-        remaining -= len(piece)
-        yield bytes(piece)
-    yield suffix
-
-
-def framed(total: int, framing: str) -> Iterator[bytes]:
-    if framing == "declared":
-        yield from json_body(total)
-        return
-    for piece in json_body(total):
-        yield b"%x\r\n%s\r\n" % (len(piece), piece)
-    yield b"0\r\n\r\n"
-
-
-def request_head(path: str, total: int, framing: str) -> bytes:
-    address = next(_addresses)
-    length = f"Content-Length: {total}" if framing == "declared" else "Transfer-Encoding: chunked"
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: api.example.com\r\nContent-Type: application/json\r\n"
-        f"Origin: https://app.example.com\r\nX-Forwarded-For: 10.{address >> 16 & 255}.{address >> 8 & 255}."
-        f"{address & 255}\r\n{length}\r\n\r\n"
-    ).encode()
-
-
 @dataclass
 class Answer:
     status: int
@@ -171,63 +121,15 @@ class Answer:
     raw: bytes = field(default=b"", repr=False)
 
 
-def read_response(sock: socket.socket, deadline: float) -> bytes:
-    """One whole response (head and ``Content-Length`` body) as soon as it is there; what arrived
-    when the server closed or reset the connection; or a failure at ``deadline``."""
-    received = b""
-    while True:
-        head, separator, rest = received.partition(b"\r\n\r\n")
-        if separator:
-            lengths = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
-            if lengths and len(rest) >= int(lengths[0].split(b":", 1)[1]):
-                return received
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            pytest.fail(f"no complete answer within {GIVE_UP} s; the server wrote {received[:300]!r}")
-        except ConnectionResetError:  # closed with our bytes unread: the kernel resets; keep what came
-            return received
-        if not chunk:
-            return received
-        received += chunk
-
-
 def attack(server: Server, path: str, framing: str, total: int, start: threading.Barrier | None = None) -> Answer:
-    """``total`` body bytes to ``path``, written by a thread while this one waits for the answer;
-    the sending stops once it has come (or the server closed)."""
-    head = request_head(path, total, framing)
-    sent = 0
-    send_error: list[str] = []
-    stop = threading.Event()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=GIVE_UP) as sock:
-
-        def send() -> None:
-            nonlocal sent
-            try:
-                sock.sendall(head)
-                for piece in framed(total, framing):
-                    if stop.is_set():
-                        return
-                    sock.sendall(piece)
-                    sent += len(piece)
-            except OSError as exc:  # the server closed, or the test did once the answer was in
-                if not stop.is_set():
-                    send_error.append(f"{type(exc).__name__}: {exc}")
-
-        if start is not None:
-            start.wait(GIVE_UP)
-        began = time.monotonic()
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        raw = read_response(sock, began + GIVE_UP)
-        seconds = time.monotonic() - began
-        written = sent
-        stop.set()
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)  # wakes a sendall blocked on a full buffer
-        sender.join(GIVE_UP)
-        assert not sender.is_alive(), "the sending thread did not stop"
+    """``total`` body bytes to ``path``, written by a thread while this one waits for the answer
+    (:func:`send_body`); the sending stops once it has come (or the server closed)."""
+    n = next(_addresses)
+    head = body_head(path, total, framing, f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
+    exchange = send_body(server.port, head, total, framing, GIVE_UP, start)
+    raw, send_error = exchange.raw, exchange.send_error
+    assert exchange.early in (None, "closed", "reset"), f"{exchange.early}; the server wrote {raw[:300]!r}"
+    assert not exchange.writer_alive, "the sending thread did not stop"
     head_bytes, _, body = raw.partition(b"\r\n\r\n")
     assert head_bytes.startswith(b"HTTP/1.1 "), f"no answer ({raw[:200]!r}); sending: {send_error}"
     status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
@@ -240,9 +142,9 @@ def attack(server: Server, path: str, framing: str, total: int, start: threading
         int(status_line.split()[1]),
         headers,
         document,
-        written,
-        seconds,
-        send_error[0] if send_error else None,
+        exchange.sent,
+        exchange.seconds,
+        f"{type(send_error).__name__}: {send_error}" if send_error is not None else None,
         raw,
     )
 
@@ -264,7 +166,7 @@ def assert_payload_too_large(answer: Answer, limit: int = DEFAULT_LIMIT, summary
 def assert_alive(server: Server) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=GIVE_UP) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n")
-        assert read_response(sock, time.monotonic() + GIVE_UP).startswith(b"HTTP/1.1 200")
+        assert read_response(sock, GIVE_UP)[0].startswith(b"HTTP/1.1 200")
 
 
 ENDPOINTS = pytest.mark.parametrize("path", [LOGIN, API_KEYS], ids=["login", "api-keys"])
