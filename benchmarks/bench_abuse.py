@@ -128,7 +128,7 @@ def start_server(stack: ExitStack, options: argparse.Namespace) -> tuple[AbuseTa
     settings = server_settings(options, data_dir)
     server = serve(stack, settings)
     served = AbuseTarget(server.process, port=server.port)
-    served.drain()
+    served.drain(server)
     return served, settings
 
 

@@ -140,7 +140,7 @@ def start_server(stack: ExitStack, addresses: Addresses, users: int) -> tuple[Lo
     api_key = thallus_cli(env, "keys", "create", "--email", API_EMAIL, "--name", "bench")
     server = serve(stack, settings)
     served = LoginTarget(server.process, url=server.url, api_key=api_key, users=[])
-    served.drain()
+    served.drain(server)
     with httpx.Client(base_url=served.url, timeout=REQUEST_TIMEOUT) as client:
         for index in range(users):
             email = f"bench-login-{index}@example.com"

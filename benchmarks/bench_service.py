@@ -576,7 +576,7 @@ def start_thallus(
         uses_redis=config.redis,
         database="postgresql" if config.postgres else "sqlite",
     )
-    served.drain()
+    served.drain(server)
     return served
 
 

@@ -139,21 +139,36 @@ class Served:
     def pid(self) -> int:
         return self.process.pid
 
-    def drain(self) -> None:
-        """Read the server's output in a thread, so a chatty server can never block on a full pipe;
-        keep the last lines and count the ones that matter."""
+    def drain(self, server: Server | None = None) -> None:
+        """Follow the server's output in a thread, so a chatty server can never block on a full pipe;
+        keep the last lines and count the ones that matter. A ``tests.server`` server already reads
+        its pipe (``Server.lines``): then that is followed, for one reader on a pipe sees every line."""
         stream = self.process.stdout
-        if stream is None:
+        if server is None and stream is None:
             return
 
-        def read(stream: IO[str] = stream) -> None:
-            for raw in stream:
-                line = raw.rstrip()
-                self.output.append(line)
-                for name, fragments in self.counted:
-                    if any(fragment in line for fragment in fragments):
-                        self.lines[name] += 1
-                        break
+        def take(raw: str) -> None:
+            line = raw.rstrip()
+            self.output.append(line)
+            for name, fragments in self.counted:
+                if any(fragment in line for fragment in fragments):
+                    self.lines[name] += 1
+                    break
+
+        def read(stream: IO[str] | None = stream) -> None:
+            if server is None:
+                assert stream is not None
+                for raw in stream:
+                    take(raw)
+                return
+            seen = 0
+            while seen < len(server.lines) or self.process.poll() is None:
+                if seen == len(server.lines):
+                    time.sleep(0.01)
+                    continue
+                for raw in server.lines[seen:]:
+                    take(raw)
+                    seen += 1
 
         threading.Thread(target=read, name=f"drain-{self.pid}", daemon=True).start()
 
