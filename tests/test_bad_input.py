@@ -21,7 +21,9 @@ JSON = {"Content-Type": "application/json", **SAME_ORIGIN}
 
 @pytest.fixture
 def api(database_url: str) -> Iterator[Api]:
-    with running_api(settings_for(database_url, rate_limit="100000/minute", rate_limit_auth="100000/minute")) as running:
+    with running_api(
+        settings_for(database_url, rate_limit="100000/minute", rate_limit_auth="100000/minute")
+    ) as running:
         running.create_user(api_access=True)
         yield running
 
