@@ -732,7 +732,7 @@ def check_request(served: ServiceTarget, request: Request, redis: RedisTarget | 
         limited = "ratelimit-policy" in response.headers
         if limited != (served.rate_limited and not (request.path == "/health" and served.health_exempt)):
             problems.append(f"RateLimit-Policy header {'present' if limited else 'missing'}")
-        if served.uses_redis and redis is not None and not redis.keys():
+        if limited and served.uses_redis and redis is not None and not redis.keys():
             problems.append(f"no Redis key under {redis.prefix!r}: the limiter is not using Redis")
     expected_email = EMAIL if served.thallus else bare_user_email()
     if (
