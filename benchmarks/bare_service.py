@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-#: The shape and size of ``thallus.identity.service.user_document`` for the benchmark's user.
+#: The shape and size of ``thallus.server.identity.service.user_document`` for the benchmark's user.
 USER: dict[str, Any] = {
     "id": "0195f3a0-8c1e-7d4b-9a6f-2b3c4d5e6f70",
     "email": "bench@example.com",

@@ -54,11 +54,11 @@ from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.engine import URL, make_url
 
 from common import describe, environment, progress
-from thallus.api.routes.audit_logs import export_lines
-from thallus.audit.chain import FIELDS, link_hash
-from thallus.audit.store import AuditFilter, AuditStore
-from thallus.storage import Database
-from thallus.storage.models import GENESIS_HASH, AuditChainHead, AuditLog, utcnow
+from thallus.server.api.routes.audit_logs import export_lines
+from thallus.server.audit.chain import FIELDS, link_hash
+from thallus.server.audit.store import AuditFilter, AuditStore
+from thallus.server.storage import Database
+from thallus.server.storage.models import GENESIS_HASH, AuditChainHead, AuditLog, utcnow
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent

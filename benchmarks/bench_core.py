@@ -116,7 +116,6 @@ def thallus_settings(origins: Sequence[str] = (APP_ORIGIN,)) -> Settings:
     """Production settings; the rate limiter off (``bench_ratelimit.py`` measures it)."""
     return Settings(
         env="production",
-        secret_key=SECRET,
         allowed_origins=tuple(origins),
         public_origin=PUBLIC_ORIGIN,
         rate_limit_enabled=False,

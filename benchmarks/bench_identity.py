@@ -1,6 +1,6 @@
 """What authentication costs: an API-key request (the hot path), a Bearer request, and a login.
 
-In-process ASGI calls into the full reference service (``thallus.api.create_app``: every layer,
+In-process ASGI calls into the full reference service (``thallus.server.api.create_app``: every layer,
 the identity service, the audit writer) on a temporary SQLite file, on one event loop:
 
 * ``GET /health`` without a credential — the service's floor;
@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from thallus._asgi import Message
-from thallus.api import Service, create_app
-from thallus.settings import Settings
+from thallus.server.api import Service, create_app
+from thallus.server.settings import ServiceSettings
 
 PASSWORD = "Correct-Horse-Battery-9!"
 
 
-def settings(data_dir: Path) -> Settings:
-    return Settings(
+def settings(data_dir: Path) -> ServiceSettings:
+    return ServiceSettings(
         env="test",
         secret_key="b" * 48,
         allowed_origins="https://app.example.com",

@@ -122,7 +122,6 @@ class Stack:
 def thallus_settings(*, limit: str, enabled: bool = True, redis_url: str | None = None, prefix: str) -> Settings:
     return Settings(
         env="production",
-        secret_key=SECRET,
         allowed_origins=(APP_ORIGIN,),
         public_origin=PUBLIC_ORIGIN,
         rate_limit_enabled=enabled,

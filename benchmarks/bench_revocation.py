@@ -1,6 +1,6 @@
 """How fast a revocation reaches every instance: p50/p99/max over ``--revocations`` revocations, with
 two ``thallus serve`` processes on one PostgreSQL database and one ``thallus serve --workers 2`` on
-SQLite (SYSTEM.md §12: refused at once where revoked, within 1 s everywhere else).
+SQLite (docs/design.md §12: refused at once where revoked, within 1 s everywhere else).
 
 Set-ups (production profile, a 48-character secret, cheap Argon2, limits nothing reaches; the same
 settings as tests/test_revocation_served.py):

@@ -1,5 +1,5 @@
 """Support for tests/test_schema_fuzz.py: a drained ``thallus serve``, real accounts, the response
-checks of SYSTEM.md §3/§7/§8, hostile requests, and failure reports that can be replayed with curl.
+checks of docs/design.md §3/§7/§8, hostile requests, and failure reports that can be replayed with curl.
 
 * :func:`live_server` runs ``thallus serve`` (through :func:`tests.server.running_server`) and drains
   its stdout on a thread as it comes: a fuzz run logs far more than a pipe holds, and a full pipe
@@ -39,7 +39,7 @@ from tests.server import THALLUS, Server, running_server
 
 PUBLIC_ORIGIN = "https://api.example.com"
 APP_ORIGIN = "https://app.example.com"
-#: Origin evidence on every request: what a browser on the service's own page sends (SYSTEM.md §5).
+#: Origin evidence on every request: what a browser on the service's own page sends (docs/design.md §5).
 SAME_ORIGIN = {"Origin": PUBLIC_ORIGIN, "Sec-Fetch-Site": "same-origin"}
 SECRET_KEY = "schema-fuzz-" + "0123456789abcdef" * 2 + "-secret"
 ADMIN_EMAIL = "fuzz-admin@example.com"
@@ -50,10 +50,10 @@ CHEAP_ARGON2 = {
     "THALLUS_ARGON2_PARALLELISM": "1",
 }
 
-#: SYSTEM.md §7: what a valid correlation ID looks like.
+#: docs/design.md §7: what a valid correlation ID looks like.
 CORRELATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 BASELINE_CSP = "default-src 'self'; object-src 'none'; base-uri 'self'; frame-ancestors 'none'; form-action 'self'"
-#: SYSTEM.md §3: header → the exact value on every API response (the service's defaults).
+#: docs/design.md §3: header → the exact value on every API response (the service's defaults).
 EXACT_HEADERS = {
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
@@ -69,7 +69,7 @@ HSTS = "max-age=31536000"
 AUTH_PATH = "/api/v1/auth"
 ERROR_FIELDS = {"error", "message", "details", "correlation_id"}
 VALIDATION_DETAIL_FIELDS = {"type", "loc", "msg", "input"}
-#: SYSTEM.md §8: the ``error`` type of each listed status.
+#: docs/design.md §8: the ``error`` type of each listed status.
 ERROR_TYPES: dict[int, frozenset[str]] = {
     400: frozenset({"BadRequestError"}),
     401: frozenset({"AuthenticationError"}),
@@ -228,7 +228,7 @@ def _single(response: Response, name: str) -> str | None:
 
 
 def header_problems(response: Response, *, production: bool) -> list[Problem]:
-    """SYSTEM.md §3 (every response) and §7 (the correlation ID)."""
+    """docs/design.md §3 (every response) and §7 (the correlation ID)."""
     problems = []
     for name, expected in EXACT_HEADERS.items():
         values = response.headers.get(name, [])
@@ -284,7 +284,7 @@ def _echoed_secrets(echoed: Any, sent: Any, path: str = "") -> list[str]:
 
 
 def echo_problems(details: list[dict[str, Any]], sent: Any) -> list[Problem]:
-    """SYSTEM.md §8: a 422's ``input`` never echoes a password that was sent."""
+    """docs/design.md §8: a 422's ``input`` never echoes a password that was sent."""
     echoed = []
     for item in details:
         loc = item["loc"]
@@ -304,7 +304,7 @@ def echo_problems(details: list[dict[str, Any]], sent: Any) -> list[Problem]:
 
 
 def error_problems(response: Response, sent: Any) -> list[Problem]:
-    """SYSTEM.md §8 for every error (status 400 and up): the JSON shape, its type and correlation ID."""
+    """docs/design.md §8 for every error (status 400 and up): the JSON shape, its type and correlation ID."""
     status = response.status_code
     if status < 400:
         return []

@@ -9,13 +9,13 @@ from typing import Any
 
 from starlette.testclient import TestClient
 
-from thallus.api import Service, create_app
 from thallus.audit import AuditEvent
-from thallus.audit.chain import FIELDS
-from thallus.audit.store import AuditFilter
-from thallus.identity.service import Identity
-from thallus.settings import Settings
-from thallus.storage.models import AuditLog, User
+from thallus.server.api import Service, create_app
+from thallus.server.audit.chain import FIELDS
+from thallus.server.audit.store import AuditFilter
+from thallus.server.identity.service import Identity
+from thallus.server.settings import ServiceSettings
+from thallus.server.storage.models import AuditLog, User
 
 SECRET = "t" * 48
 SPA = "https://app.example.com"
@@ -47,7 +47,7 @@ class RecordingSink:
         return [event.action for event in self.events]
 
 
-def settings_for(database_url: str, **overrides: Any) -> Settings:
+def settings_for(database_url: str, **overrides: Any) -> ServiceSettings:
     values: dict[str, Any] = {
         "env": "test",
         "secret_key": SECRET,
@@ -59,7 +59,7 @@ def settings_for(database_url: str, **overrides: Any) -> Settings:
         "argon2_parallelism": 1,
     }
     values.update(overrides)
-    return Settings(**values)
+    return ServiceSettings(**values)
 
 
 class Api:
@@ -130,7 +130,7 @@ class Api:
 
 
 @contextmanager
-def running_api(settings: Settings, base_url: str = PUBLIC) -> Iterator[Api]:
+def running_api(settings: ServiceSettings, base_url: str = PUBLIC) -> Iterator[Api]:
     """The service on a TestClient; on exit, every persisted audit record is scanned for secrets."""
     audit = RecordingSink()
     service = create_app(settings, audit=audit)

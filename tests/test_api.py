@@ -1,4 +1,4 @@
-"""The reference API (SYSTEM.md §9) on SQLite and on PostgreSQL: sessions, rotation, keys, errors."""
+"""The reference API (docs/design.md §9) on SQLite and on PostgreSQL: sessions, rotation, keys, errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import update
 
 from tests.service import PASSWORD, PUBLIC, SAME_ORIGIN, SPA, Api, running_api, settings_for
-from thallus.identity.service import LOGIN_FAILED_MESSAGE
-from thallus.storage.models import ApiKey, Session
+from thallus.server.identity.service import LOGIN_FAILED_MESSAGE
+from thallus.server.storage.models import ApiKey, Session
 
 SHAPE = {"error", "message", "details", "correlation_id"}
 
@@ -515,7 +515,7 @@ def test_only_the_owner_can_revoke(api: Api) -> None:
 
 
 def test_key_management_needs_a_session(api: Api) -> None:
-    """SYSTEM.md §9: a key cannot mint, list or revoke keys, nor change the password."""
+    """docs/design.md §9: a key cannot mint, list or revoke keys, nor change the password."""
     api.create_user()
     bearer = api.bearer()
     first, second = api.new_key(bearer), api.new_key(bearer, name="second")

@@ -1,4 +1,4 @@
-"""The audit log (SYSTEM.md §11) on SQLite and PostgreSQL: chain, store, writer, journal, API, CLI."""
+"""The audit log (docs/design.md §11) on SQLite and PostgreSQL: chain, store, writer, journal, API, CLI."""
 
 from __future__ import annotations
 
@@ -26,16 +26,16 @@ from sqlalchemy.engine import URL
 
 from tests.server import THALLUS
 from tests.service import PASSWORD, SAME_ORIGIN, Api, running_api, settings_for
-from thallus.api.routes.audit_logs import encode_cursor
 from thallus.audit import AuditEvent
-from thallus.audit import append as append_module
-from thallus.audit.append import CoreAppender
-from thallus.audit.chain import FIELDS, Prepared, canonical, halves_hash, link_hash, normalised
-from thallus.audit.journal import Journal
-from thallus.audit.store import AuditFilter, AuditStore
-from thallus.audit.writer import AuditWriter, json_safe, prepare
-from thallus.storage import Database
-from thallus.storage.models import GENESIS_HASH, AuditLog
+from thallus.server.api.routes.audit_logs import encode_cursor
+from thallus.server.audit import append as append_module
+from thallus.server.audit.append import CoreAppender
+from thallus.server.audit.chain import FIELDS, Prepared, canonical, halves_hash, link_hash, normalised
+from thallus.server.audit.journal import Journal
+from thallus.server.audit.store import AuditFilter, AuditStore
+from thallus.server.audit.writer import AuditWriter, json_safe, prepare
+from thallus.server.storage import Database
+from thallus.server.storage.models import GENESIS_HASH, AuditLog
 
 
 def event(action: str = "request", **fields: Any) -> AuditEvent:

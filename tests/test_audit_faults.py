@@ -23,8 +23,8 @@ from sqlalchemy.engine import URL
 
 from tests.server import THALLUS, running_server
 from tests.tcp_proxy import tcp_proxy
-from thallus.storage import Database
-from thallus.storage.models import AuditLog
+from thallus.server.storage import Database
+from thallus.server.storage.models import AuditLog
 
 REQUESTS = 2000
 CONCURRENCY = 50

@@ -1,9 +1,9 @@
-"""One client cannot fill the audit log (SYSTEM.md §11), in process.
+"""One client cannot fill the audit log (docs/design.md §11), in process.
 
-1. Denials coalesced per client (:mod:`thallus.audit.coalesce`): the first at once, one summary per
+1. Denials coalesced per client (:mod:`thallus.server.audit.coalesce`): the first at once, one summary per
    window with exact counts, groups independent, a cap on open windows, nothing lost at flush/stop.
 2. A request answered 429 writes no ``request`` record (its ``rate_limited`` record stands for it).
-3. Every stored text is bounded (:mod:`thallus.audit.bounds`), and the chain still verifies.
+3. Every stored text is bounded (:mod:`thallus.server.audit.bounds`), and the chain still verifies.
 
 The black-box figures against a real ``thallus serve`` are in ``test_audit_flood_served.py``.
 """
@@ -26,15 +26,15 @@ from hypothesis import strategies as st
 from tests.service import SAME_ORIGIN, Api, running_api, settings_for
 from thallus._asgi import Message, Receive, Scope, Send
 from thallus.audit import AuditEvent
-from thallus.audit.bounds import COLUMN_LIMITS, MAX_TEXT, bounded, bounded_json, marker
-from thallus.audit.chain import FIELDS
-from thallus.audit.coalesce import COALESCED_ACTIONS, CoalescingSink, coalescing_key
-from thallus.audit.journal import Journal, read_records
 from thallus.audit.middleware import AuditRequestMiddleware
-from thallus.audit.store import AuditFilter, AuditStore
-from thallus.audit.writer import AuditWriter, prepare
-from thallus.storage import Database
-from thallus.storage.models import AuditLog
+from thallus.server.audit.bounds import COLUMN_LIMITS, MAX_TEXT, bounded, bounded_json, marker
+from thallus.server.audit.chain import FIELDS
+from thallus.server.audit.coalesce import COALESCED_ACTIONS, CoalescingSink, coalescing_key
+from thallus.server.audit.journal import Journal, read_records
+from thallus.server.audit.store import AuditFilter, AuditStore
+from thallus.server.audit.writer import AuditWriter, prepare
+from thallus.server.storage import Database
+from thallus.server.storage.models import AuditLog
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""The request-body limit (SYSTEM.md §8): refused before reading when declared, while streaming when not."""
+"""The request-body limit (docs/design.md §8): refused before reading when declared, while streaming when not."""
 
 from __future__ import annotations
 

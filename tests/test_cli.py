@@ -240,7 +240,7 @@ def test_serve_factory_freezes_its_start_up_objects(tmp_path: Path, monkeypatch:
     import gc
     import logging
 
-    from thallus.service import serve_factory
+    from thallus.server.service import serve_factory
 
     monkeypatch.setenv("THALLUS_DATA_DIR", str(tmp_path))
     root = logging.getLogger()

@@ -1,4 +1,4 @@
-"""Correlation IDs (SYSTEM.md §7): validation, UUIDv7, the layer, JSON logs, httpx propagation."""
+"""Correlation IDs (docs/design.md §7): validation, UUIDv7, the layer, JSON logs, httpx propagation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CORS (SYSTEM.md §4): allowlist, preflights, decoration, Vary, refusals."""
+"""CORS (docs/design.md §4): allowlist, preflights, decoration, Vary, refusals."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CSRF (SYSTEM.md §5): the decision table, properties of the pure function, and the ASGI wrapper."""
+"""CSRF (docs/design.md §5): the decision table, properties of the pure function, and the ASGI wrapper."""
 
 from __future__ import annotations
 

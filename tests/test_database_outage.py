@@ -12,8 +12,8 @@ from starlette.testclient import TestClient
 
 from tests.service import PASSWORD, SAME_ORIGIN, running_api, settings_for
 from tests.tcp_proxy import tcp_proxy
-from thallus.api import create_app
-from thallus.storage import DatabaseUnavailableError
+from thallus.server.api import create_app
+from thallus.server.storage import DatabaseUnavailableError
 
 
 def assert_unavailable(response: Any) -> None:

@@ -1,4 +1,4 @@
-"""One canonical form of an e-mail address (SYSTEM.md §9): lookup and lockout can never disagree.
+"""One canonical form of an e-mail address (docs/design.md §9): lookup and lockout can never disagree.
 
 The property the lockout rests on: whatever text a sign-in sends, if the lookup finds user U, the
 lockout counts the attempt against U's own key — so no spelling (whitespace, case, compatibility
@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thallus.identity.emails import MAX_LENGTH, SignInName, canonical_email, parse_email
-from thallus.identity.lockout import LoginLockout, MemoryLockoutStore
-from thallus.identity.service import Identity
-from thallus.settings import Settings
-from thallus.storage.models import User
+from thallus.server.identity.emails import MAX_LENGTH, SignInName, canonical_email, parse_email
+from thallus.server.identity.lockout import LoginLockout, MemoryLockoutStore
+from thallus.server.identity.service import Identity
+from thallus.server.settings import ServiceSettings
+from thallus.server.storage.models import User
 
 LOCKOUT = LoginLockout(MemoryLockoutStore(), threshold=5, steps=(900,))
 ACCOUNTS = ("hank@example.com", "ådä@bücher.example", "grace.hopper+navy@faß.de", "ζωή@παράδειγμα.ελ")
@@ -95,7 +95,7 @@ def identity(
 ) -> Iterator[tuple[Identity, list[User], asyncio.AbstractEventLoop]]:
     """A real identity service on SQLite with the accounts registered (their stored, canonical form)."""
     path: Path = tmp_path_factory.mktemp("emails")
-    config = Settings(
+    config = ServiceSettings(
         env="development", data_dir=path, argon2_time_cost=1, argon2_memory_cost=1024, argon2_parallelism=1
     )
     service = Identity.from_settings(config)
@@ -173,7 +173,7 @@ def test_the_migration_rewrites_stored_addresses_to_the_canonical_form(tmp_path:
     from alembic.config import Config
     from sqlalchemy import create_engine, text
 
-    from thallus.storage.database import MIGRATIONS
+    from thallus.server.storage.database import MIGRATIONS
 
     engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
 

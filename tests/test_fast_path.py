@@ -205,7 +205,6 @@ def test_fast_path_equals_the_composed_layers(
             behaving_app(behaviour),
             Settings(
                 env=environment,
-                secret_key="k" * 48,
                 allowed_origins=SPA,
                 public_origin=PUBLIC,
                 rate_limit_enabled=rate_limited,
@@ -221,9 +220,7 @@ def test_fast_path_equals_the_composed_layers(
 
 
 def test_csrf_is_checked_in_the_fast_path_only_when_nothing_runs_before_it() -> None:
-    plain = Settings(
-        env="production", secret_key="k" * 48, allowed_origins=SPA, public_origin=PUBLIC, rate_limit_enabled=False
-    )
+    plain = Settings(env="production", allowed_origins=SPA, public_origin=PUBLIC, rate_limit_enabled=False)
     assert protect(behaving_app(Behaviour("answer", 200, None, (), 1)), plain).csrf is not None
     limited = plain.model_copy(update={"rate_limit_enabled": True})
     assert protect(behaving_app(Behaviour("answer", 200, None, (), 1)), limited).csrf is None

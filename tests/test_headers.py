@@ -1,4 +1,4 @@
-"""Security headers (SYSTEM.md §3): builders, the policy per environment, per-route overrides."""
+"""Security headers (docs/design.md §3): builders, the policy per environment, per-route overrides."""
 
 from __future__ import annotations
 
@@ -31,12 +31,11 @@ SECRET = "s" * 40
 def production(**overrides: object) -> Settings:
     values: dict[str, object] = {
         "env": "production",
-        "secret_key": SECRET,
         "allowed_origins": "https://app.example.com",
         "public_origin": "https://api.example.com",
     }
     values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+    return Settings(**values)
 
 
 def layer(settings: Settings, app: object = ok_app) -> SecurityHeadersMiddleware:

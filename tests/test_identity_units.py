@@ -31,10 +31,10 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from thallus.errors import ValidationError
-from thallus.identity.api_keys import LastUsedBuffer, generate_api_key, is_well_formed, mask
-from thallus.identity.keys import SECRET_FILE, KeyRing, server_secret
-from thallus.identity.passwords import MAX_LENGTH, MIN_LENGTH, POLICY, PasswordHasher, password_problems
-from thallus.identity.service import (
+from thallus.server.identity.api_keys import LastUsedBuffer, generate_api_key, is_well_formed, mask
+from thallus.server.identity.keys import SECRET_FILE, KeyRing, server_secret
+from thallus.server.identity.passwords import MAX_LENGTH, MIN_LENGTH, POLICY, PasswordHasher, password_problems
+from thallus.server.identity.service import (
     ClientInfo,
     Identity,
     check_password,
@@ -42,9 +42,9 @@ from thallus.identity.service import (
     normalize_email,
     user_document,
 )
-from thallus.identity.tokens import ACCESS_TOKEN_TTL, AccessTokens, InvalidTokenError, new_refresh_token
-from thallus.settings import Settings
-from thallus.storage.models import ApiKey, User
+from thallus.server.identity.tokens import ACCESS_TOKEN_TTL, AccessTokens, InvalidTokenError, new_refresh_token
+from thallus.server.settings import ServiceSettings
+from thallus.server.storage.models import ApiKey, User
 
 URL_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 SECRET = b"s" * 48
@@ -247,14 +247,14 @@ def test_burn_completes(hasher: PasswordHasher) -> None:
 
 
 def test_configured_secret_is_used_and_no_file_is_written(tmp_path: Path) -> None:
-    settings = Settings(env="development", secret_key=SecretStr("k" * 40), data_dir=tmp_path)
+    settings = ServiceSettings(env="development", secret_key=SecretStr("k" * 40), data_dir=tmp_path)
     assert server_secret(settings) == b"k" * 40
     assert not (tmp_path / SECRET_FILE).exists()
 
 
 def test_development_secret_is_generated_once_with_mode_600(tmp_path: Path) -> None:
     data_dir = tmp_path / "not" / "yet" / "there"
-    settings = Settings(env="development", data_dir=data_dir)
+    settings = ServiceSettings(env="development", data_dir=data_dir)
     first = server_secret(settings)
     path = data_dir / SECRET_FILE
     assert path.is_file()
@@ -263,36 +263,39 @@ def test_development_secret_is_generated_once_with_mode_600(tmp_path: Path) -> N
     assert URL_SAFE.fullmatch(first.decode())
     content = path.read_bytes()
     assert server_secret(settings) == first
-    assert server_secret(Settings(env="development", data_dir=data_dir)) == first, "another process agrees"
+    assert server_secret(ServiceSettings(env="development", data_dir=data_dir)) == first, "another process agrees"
     assert path.read_bytes() == content, "never rewritten"
     other = tmp_path / "elsewhere"
-    assert server_secret(Settings(env="development", data_dir=other)) != first
+    assert server_secret(ServiceSettings(env="development", data_dir=other)) != first
 
 
 def test_development_secret_file_is_read_without_trailing_newline(tmp_path: Path) -> None:
     (tmp_path / SECRET_FILE).write_bytes(b"an-operator-written-secret-of-some-length\n")
-    assert server_secret(Settings(env="development", data_dir=tmp_path)) == b"an-operator-written-secret-of-some-length"
+    assert (
+        server_secret(ServiceSettings(env="development", data_dir=tmp_path))
+        == b"an-operator-written-secret-of-some-length"
+    )
 
 
 @pytest.mark.parametrize("content", [b"", b"\n"])
 def test_an_empty_secret_file_never_yields_an_empty_secret(tmp_path: Path, content: bytes) -> None:
     (tmp_path / SECRET_FILE).write_bytes(content)
     try:
-        secret = server_secret(Settings(env="development", data_dir=tmp_path))
+        secret = server_secret(ServiceSettings(env="development", data_dir=tmp_path))
     except (RuntimeError, ValueError):
         return  # refusing is fine too
     assert secret.strip()
 
 
 def test_no_secret_outside_development_is_refused(tmp_path: Path) -> None:
-    settings = Settings.model_construct(env="test", secret_key=None, data_dir=tmp_path)  # past validation
+    settings = ServiceSettings.model_construct(env="test", secret_key=None, data_dir=tmp_path)  # past validation
     with pytest.raises(RuntimeError, match="THALLUS_SECRET_KEY"):
         server_secret(settings)
     assert not (tmp_path / SECRET_FILE).exists()
 
 
 def test_keyring_from_settings_orders_current_then_previous(tmp_path: Path) -> None:
-    settings = Settings(
+    settings = ServiceSettings(
         env="development",
         secret_key=SecretStr("n" * 40),
         previous_secret_keys=(SecretStr("p" * 40), SecretStr(""), SecretStr("q" * 40)),
@@ -418,13 +421,13 @@ def test_a_verified_token_is_remembered_but_its_expiry_still_checked(monkeypatch
     with pytest.raises(InvalidTokenError):
         tokens.decode(forged)  # other text: verified afresh, refused
     now = time.time()
-    monkeypatch.setattr("thallus.identity.tokens.time.time", lambda: now + ACCESS_TOKEN_TTL + 1)
+    monkeypatch.setattr("thallus.server.identity.tokens.time.time", lambda: now + ACCESS_TOKEN_TTL + 1)
     with pytest.raises(InvalidTokenError, match="expired"):
         tokens.decode(token)
 
 
 def test_the_remembered_tokens_are_bounded() -> None:
-    from thallus.identity import tokens as module
+    from thallus.server.identity import tokens as module
 
     tokens = AccessTokens(RING)
     for index in range(module.VERIFIED_CAPACITY + 10):
@@ -783,7 +786,7 @@ def test_key_document_shows_the_newer_last_use(
     ids=["punycode-domain", "nfd-local-part"],
 )
 def test_a_registered_address_can_sign_in_as_typed(tmp_path: Path, email: str) -> None:
-    settings = Settings(
+    settings = ServiceSettings(
         env="development", data_dir=tmp_path, argon2_time_cost=1, argon2_memory_cost=1024, argon2_parallelism=1
     )
     identity = Identity.from_settings(settings)

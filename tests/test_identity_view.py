@@ -1,4 +1,4 @@
-"""The identity view (SYSTEM.md §12): requests decided from memory, changes followed from the log.
+"""The identity view (docs/design.md §12): requests decided from memory, changes followed from the log.
 
 In process, on SQLite and PostgreSQL: what a change drops, that a load racing a change is not
 cached, that a stale view falls back to the database (and never accepts what the database would
@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from tests.service import SAME_ORIGIN, Api, running_api, settings_for
-from thallus.identity.api_keys import KeyRecord
-from thallus.identity.view import BoundedCache, IdentityView, SessionView, UserView
-from thallus.storage import Database
-from thallus.storage.models import IdentityChange
+from thallus.server.identity.api_keys import KeyRecord
+from thallus.server.identity.view import BoundedCache, IdentityView, SessionView, UserView
+from thallus.server.storage import Database
+from thallus.server.storage.models import IdentityChange
 
 LATER = datetime(2100, 1, 1, tzinfo=UTC)
 
@@ -121,7 +121,7 @@ def test_revocations_hold_at_once_on_this_instance(api: Api) -> None:
 
 
 def test_role_and_feature_changes_reach_the_principal(api: Api) -> None:
-    from thallus.identity.service import ClientInfo
+    from thallus.server.identity.service import ClientInfo
 
     bearer = api.bearer()
     assert api.client.get("/api/v1/users/me", headers=bearer).json()["role"] == "user"
@@ -161,7 +161,7 @@ def test_a_stale_view_asks_the_database(api: Api) -> None:
     async def revoke_behind_its_back() -> None:
         from sqlalchemy import update
 
-        from thallus.storage.models import Session
+        from thallus.server.storage.models import Session
 
         async with api.identity.database.session() as db:
             await db.execute(update(Session).values(revoked_at=datetime.now(UTC)))

@@ -1,4 +1,4 @@
-"""Progressive login lockout (SYSTEM.md §10) through the API, in memory and on a real Redis."""
+"""Progressive login lockout (docs/design.md §10) through the API, in memory and on a real Redis."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The lockout's atomic steps (SYSTEM.md §10) on memory and a real Redis, and the Argon2 slots.
+"""The lockout's atomic steps (docs/design.md §10) on memory and a real Redis, and the Argon2 slots.
 
 At most ``threshold`` passwords may be verified between two locks, however concurrent the
 attempts: an attempt is reserved before its password is checked, so these tests race many
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import RedisTarget
-from thallus.identity.lockout import (
+from thallus.server.identity.lockout import (
     Attempt,
     LockoutStore,
     LockoutUnavailableError,
@@ -26,7 +26,7 @@ from thallus.identity.lockout import (
     RedisLockoutStore,
     Reservation,
 )
-from thallus.identity.passwords import HASHING_NICENESS, HashingSlots, HashingUnavailableError
+from thallus.server.identity.passwords import HASHING_NICENESS, HashingSlots, HashingUnavailableError
 
 THRESHOLD = 5
 

@@ -1,4 +1,4 @@
-"""Every revocation path of the identity view, served (SYSTEM.md §12; README, "Decided from memory,
+"""Every revocation path of the identity view, served (docs/design.md §12; README, "Decided from memory,
 revoked everywhere within 1 s"): a token or key revoked on one instance is refused there at once
 and by every other instance within the bound; a broken notification channel makes an instance
 fall back to the database (503 while that is unreachable), never accept.
@@ -58,10 +58,10 @@ from sqlalchemy import select
 from tests.databases import create_postgres_database, drop_postgres_database
 from tests.server import THALLUS, Server, running_server
 from tests.tcp_proxy import tcp_proxy
-from thallus.storage import Database
-from thallus.storage.models import IdentityChange
+from thallus.server.storage import Database
+from thallus.server.storage.models import IdentityChange
 
-#: The view's freshness bound (SYSTEM.md §12: "within 1 s for another instance's").
+#: The view's freshness bound (docs/design.md §12: "within 1 s for another instance's").
 BOUND = 1.0
 #: What the client loop and the machine add beyond the bound (see the module's docstring).
 ALLOWANCE = 0.25

@@ -30,7 +30,7 @@ API key, the corpus's password, or an ``$argon2id$`` hash.
 
 Also, for every response: ``status_code_conformance``, ``content_type_conformance``,
 ``response_headers_conformance`` and ``negative_data_rejection`` — the OpenAPI document lists every
-status a route answers with the §8 body (``thallus.api.responses``) and the export's two media types,
+status a route answers with the §8 body (``thallus.server.api.responses``) and the export's two media types,
 so a status or body the document does not promise is a failure.
 
 Reproducible: Hypothesis runs with ``derandomize=True`` (the examples are a function of the test code,
@@ -111,7 +111,7 @@ DOCUMENT_CHECKS: list[CheckFunction] = [
     response_schema_conformance,
     negative_data_rejection,
 ]
-#: SYSTEM.md §9: these need a session; an API key gets a 403.
+#: docs/design.md §9: these need a session; an API key gets a 403.
 SESSION_ONLY = frozenset(
     {"POST /api/v1/api-keys", "GET /api/v1/api-keys", "DELETE /api/v1/api-keys/{key_id}", "POST /api/v1/auth/password"}
 )

@@ -1,4 +1,4 @@
-"""Settings: profiles per environment, parsing of THALLUS_* variables, start-up refusals."""
+"""ServiceSettings: profiles per environment, parsing of THALLUS_* variables, start-up refusals."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from thallus.settings import DEVELOPMENT_ORIGINS, ConfigurationError, Settings
+from thallus.server.settings import ServiceSettings
+from thallus.settings import DEVELOPMENT_ORIGINS, ConfigurationError
 
 SECRET = "s" * 40
 PRODUCTION = {
@@ -17,10 +18,10 @@ PRODUCTION = {
 }
 
 
-def load(monkeypatch: pytest.MonkeyPatch, **variables: str) -> Settings:
+def load(monkeypatch: pytest.MonkeyPatch, **variables: str) -> ServiceSettings:
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
-    return Settings.load()
+    return ServiceSettings.load()
 
 
 def problems(monkeypatch: pytest.MonkeyPatch, **variables: str) -> list[str]:
@@ -176,7 +177,10 @@ def test_production_refuses_a_missing_secret_even_when_unset(monkeypatch: pytest
 
 
 def test_test_environment_refuses_missing_secret_and_origins(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert problems(monkeypatch, THALLUS_ENV="test") == ["THALLUS_SECRET_KEY: is required in test"]
+    assert problems(monkeypatch, THALLUS_ENV="test") == [
+        "THALLUS_SECRET_KEY: is required in test",
+        "THALLUS_ALLOWED_ORIGINS: must list the allowed origins in test",
+    ]
     assert problems(monkeypatch, THALLUS_ENV="test", THALLUS_SECRET_KEY=SECRET) == [
         "THALLUS_ALLOWED_ORIGINS: must list the allowed origins in test"
     ]

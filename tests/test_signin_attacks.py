@@ -1,6 +1,6 @@
 """Black-box attacks on signing in, against real ``thallus serve`` processes over loopback HTTP.
 
-The issue names seven attacks on the sign-in path (SYSTEM.md §9 identity, §10 rate limiting and
+The issue names seven attacks on the sign-in path (docs/design.md §9 identity, §10 rate limiting and
 lockout). Each test mounts one against a production-configured server and asserts the behaviour
 that defeats it:
 
@@ -61,7 +61,7 @@ NEW_PASSWORD = "Another-Horse-Battery-8?"
 WRONG = "Wrong-Password-123!"
 ADMIN_EMAIL = "root@example.com"
 ADMIN_IP = "192.0.2.250"
-#: What a browser on the service's own page sends with a login (SYSTEM.md §5, login CSRF).
+#: What a browser on the service's own page sends with a login (docs/design.md §5, login CSRF).
 SAME_ORIGIN = {"Origin": PUBLIC_ORIGIN, "Sec-Fetch-Site": "same-origin"}
 CHEAP_ARGON2 = {
     "THALLUS_ARGON2_TIME_COST": "1",
@@ -482,7 +482,7 @@ def race(urls: Sequence[str]) -> None:
 
     A password was verified when the answer is 401 or 200. Without a success, at most the threshold's
     number are verified, and afterwards the account is locked even for the right password. A success
-    resets the count (SYSTEM.md §10), so when the right password got in, the bound holds on each side of
+    resets the count (docs/design.md §10), so when the right password got in, the bound holds on each side of
     it: at most 2 × threshold − 1 failures. Every other answer is the lock's 429, never a 5xx.
     """
     for round_ in range(RACE_ROUNDS):

@@ -40,7 +40,6 @@ SECURITY_HEADERS = {
 def production(**overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "env": "production",
-        "secret_key": SECRET,
         "allowed_origins": SPA,
         "public_origin": PUBLIC,
     }

@@ -1,4 +1,4 @@
-"""Request-body limit (SYSTEM.md §8): ``413 PayloadTooLargeError`` before or while reading.
+"""Request-body limit (docs/design.md §8): ``413 PayloadTooLargeError`` before or while reading.
 
 A server hands an ASGI application the body in chunks, as fast as the application asks for them;
 an application that reads a body whole (every JSON endpoint does) holds all of it. So the limit is

@@ -1,4 +1,4 @@
-"""CORS: an explicit allowlist with credentials, never a wildcard (SYSTEM.md §4).
+"""CORS: an explicit allowlist with credentials, never a wildcard (docs/design.md §4).
 
 * A **preflight** is ``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``; it is
   answered here, before routing (a 404 or 405 preflight breaks browsers). Allowed: 204 with the

@@ -1,4 +1,4 @@
-"""CSRF protection by origin evidence, for cookie-authenticated requests (SYSTEM.md §5).
+"""CSRF protection by origin evidence, for cookie-authenticated requests (docs/design.md §5).
 
 The decision is :func:`csrf_verdict`, a pure function; :class:`CSRFMiddleware` only gathers its
 inputs from the ASGI scope and answers a refusal.

@@ -1,4 +1,4 @@
-"""Uniform JSON errors and the error boundary (SYSTEM.md §8).
+"""Uniform JSON errors and the error boundary (docs/design.md §8).
 
 Every error, from any layer, is ``{"error", "message", "details", "correlation_id"}`` with
 ``Content-Type: application/json``. Layers raise nothing across ASGI boundaries: they answer with

@@ -1,4 +1,4 @@
-"""Security headers on every response, whoever produced it (SYSTEM.md §3).
+"""Security headers on every response, whoever produced it (docs/design.md §3).
 
 The header set is a composition of small builders, each validating its input once at
 start-up (helmet's design): Content-Security-Policy, Permissions-Policy, HSTS and the fixed
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 # -- Content-Security-Policy -------------------------------------------------------------------
 
-#: The same-origin baseline of SYSTEM.md §3.
+#: The same-origin baseline of docs/design.md §3.
 BASELINE_CSP: Mapping[str, tuple[str, ...]] = {
     "default-src": ("'self'",),
     "object-src": ("'none'",),

@@ -1,4 +1,4 @@
-"""Structured JSON log lines, each carrying the current correlation ID (SYSTEM.md §7).
+"""Structured JSON log lines, each carrying the current correlation ID (docs/design.md §7).
 
 :class:`CorrelationIdFilter` stamps ``record.correlation_id`` from the context variable (an
 explicit ``extra={"correlation_id": …}`` wins); :class:`JsonFormatter` writes one JSON object per

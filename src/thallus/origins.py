@@ -33,7 +33,7 @@ def parse_origin(value: str) -> str:
 
     Canonical: lower-case scheme and host, internationalised host names in their IDNA 2008
     A-label (punycode) form as browsers serialise them; an explicit port is kept as written, because a
-    browser never sends a default port and comparison is exact (SYSTEM.md §4).
+    browser never sends a default port and comparison is exact (docs/design.md §4).
     """
     text = value.strip()
     if not text:

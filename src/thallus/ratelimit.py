@@ -1,4 +1,4 @@
-"""Rate limiting per client network (SYSTEM.md §10, layer 5 of §2).
+"""Rate limiting per client network (docs/design.md §10, layer 5 of §2).
 
 ``limits``' sliding-window counter (:mod:`thallus.limiter_store`), in process memory by default, in
 Redis when ``THALLUS_REDIS_URL`` is set, so limits hold across every instance:
@@ -21,10 +21,10 @@ Redis when ``THALLUS_REDIS_URL`` is set, so limits hold across every instance:
   records keep the full address.
 
 ``Retry-After`` stays the window although the counter knows the real wait (the ``t`` of the same
-429): SYSTEM.md §10 asks for ``Retry-After: 60`` here and for "the real seconds left" only for the
+429): docs/design.md §10 asks for ``Retry-After: 60`` here and for "the real seconds left" only for the
 login lockout, and a client that honours it comes back after the policy's window instead of polling
 at the refill rate. The login lockout, which counts per account rather than per client, is
-:mod:`thallus.identity.lockout`.
+:mod:`thallus.server.identity.lockout`.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def client_ip(
 
 
 def client_network(address: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
-    """The key a client is counted by: its address's network (SYSTEM.md §10).
+    """The key a client is counted by: its address's network (docs/design.md §10).
 
     One IPv6 customer holds a whole /64 (RFC 6177) and can pick any of its 2^64 addresses per
     request, so per-address IPv6 limits do not exist; an IPv4-mapped IPv6 address
@@ -243,7 +243,7 @@ class Policy:
 
 
 class RateLimitMiddleware:
-    """Pure-ASGI per-IP limiter (layer 5 of SYSTEM.md §2).
+    """Pure-ASGI per-IP limiter (layer 5 of docs/design.md §2).
 
     ``storage`` is :func:`create_storage`'s (memory or Redis), or any ``limits`` async storage that
     supports the sliding-window counter (then two storage calls a request, through limits' own

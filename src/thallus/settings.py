@@ -1,29 +1,40 @@
-"""One typed settings object, read from ``THALLUS_*`` variables, validated at start-up.
+"""The layers' settings: one typed object, read from ``THALLUS_*`` variables, validated at start-up.
 
-Three environment profiles (SYSTEM.md §6) decide the defaults and how strict start-up is:
+These are only the knobs of the layers ``protect()`` composes (headers, CORS, CSRF, correlation ID,
+errors, body limit, rate limit); the reference service's settings
+(:class:`thallus.server.settings.ServiceSettings`) build on them. Three environment profiles
+(docs/design.md §6) decide the defaults and how strict start-up is:
 
-* ``development`` — lenient: local dev-server origins allowed by default, no secret needed,
-  plain-http cookies, CSRF lets requests without any origin evidence through (curl, scripts);
-* ``test`` — refuses a missing secret or an empty origin allowlist;
-* ``production`` — additionally refuses ``http://`` origins, a missing ``THALLUS_PUBLIC_ORIGIN``
-  and debug mode, and turns HSTS on.
+* ``development`` — lenient: local dev-server origins allowed by default, CSRF lets requests without
+  any origin evidence through (curl, scripts), 500s name the exception;
+* ``test`` — CSRF refuses requests without origin evidence; an unset allowlist means no
+  cross-origin access at all (the layers need no allowlist);
+* ``production`` — additionally refuses ``http://`` origins and turns HSTS on.
 
-Every refusal names the variable and the reason in one line (:func:`describe_errors`), like
-Django's ``check --deploy`` made fatal. An optional TOML file (``THALLUS_CONFIG_FILE``) supplies
-values that environment variables override.
+**Where values come from**, first wins: keyword arguments, ``THALLUS_*`` environment variables, a
+``.env`` file (``THALLUS_ENV_FILE``, default ``.env`` in the working directory; empty: none), a TOML
+file (``THALLUS_CONFIG_FILE``). An unknown keyword argument is an error (a misspelt keyword must
+not silently leave a default in force); unknown variables are ignored, since the service's and
+other programs' share the prefix.
+
+**Every problem at once**: :class:`ConfigurationError` lists each one in a line — field errors and
+cross-field refusals together — naming the keyword when it came from a keyword argument and the
+variable otherwise, like Django's ``check --deploy`` made fatal.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -31,26 +42,27 @@ from pydantic_settings import (
 )
 
 from thallus import headers
+from thallus.correlation import HEADER as CORRELATION_HEADER
+from thallus.cors import ALLOWED_METHODS, EXPOSED_HEADERS
 from thallus.origins import InvalidOriginError, parse_origin, parse_origins
 
 Environment = Literal["development", "test", "production"]
 
 ENV_PREFIX = "THALLUS_"
 CONFIG_FILE_VARIABLE = "THALLUS_CONFIG_FILE"
-MIN_SECRET_LENGTH = 32
-#: OWASP Password Storage Cheat Sheet's floor for Argon2id (19 MiB, t=2, p=1).
-MIN_ARGON2_MEMORY_KIB = 19456
+ENV_FILE_VARIABLE = "THALLUS_ENV_FILE"
+DEFAULT_ENV_FILE = ".env"
 DEVELOPMENT_ORIGINS = (
     "http://localhost:3000",
     "http://localhost:5173",
     "http://127.0.0.1:3000",
     "http://127.0.0.1:5173",
 )
-#: The refresh cookie's path in every environment (SYSTEM.md §6): sent only to the auth endpoints.
+#: The reference service's authentication endpoints: under the auth rate limit and answered with
+#: ``Cache-Control: no-store`` by default (the refresh cookie's path, docs/design.md §6).
 AUTH_PATH = "/api/v1/auth"
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 token
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
 
@@ -63,64 +75,57 @@ class ConfigurationError(ValueError):
         self.problems = problems
 
 
-class _RefusalError(ValueError):
-    """A cross-field refusal raised inside validation, carrying the variable it concerns."""
-
-    def __init__(self, variable: str, reason: str) -> None:
-        super().__init__(f"{variable}: {reason}")
-        self.variable = variable
-        self.reason = reason
+#: A cross-field refusal: the field it concerns and the reason.
+Refusal = tuple[str, str]
 
 
-#: The refresh cookie's name. Outside development it carries the ``__Secure-`` prefix (RFC 6265bis
-#: §4.1.3.1): a browser accepts such a cookie only with ``Secure`` from an https origin, so a
-#: plain-http page or a network attacker cannot plant or overwrite it.
-REFRESH_COOKIE = "thallus_refresh"
-SECURE_REFRESH_COOKIE = "__Secure-" + REFRESH_COOKIE
+class _RefusalsError(ValueError):
+    """Every cross-field refusal of one configuration, raised once from validation."""
+
+    def __init__(self, refusals: list[Refusal]) -> None:
+        super().__init__("; ".join(f"{field}: {reason}" for field, reason in refusals))
+        self.refusals = refusals
 
 
-@dataclass(frozen=True, slots=True)
-class CookiePolicy:
-    """Name and attributes of the session (refresh) cookie for an environment (SYSTEM.md §6)."""
-
-    name: str
-    secure: bool
-    same_site: Literal["Lax", "Strict"]
-    path: str
-    http_only: bool = True
-
-
-def _default_data_dir() -> Path:
-    """``$XDG_DATA_HOME/thallus`` (``~/.local/share/thallus``): the same file whatever the working directory."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "thallus"
-
-
-def _split_commas(value: Any) -> Any:
+def split_commas(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
     return value
 
 
 class Settings(BaseSettings):
-    """Every knob of Thallus. Field ``x`` is read from ``THALLUS_X``."""
+    """The layers' knobs. Field ``x`` is read from ``THALLUS_X`` (or given as keyword ``x``)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore", case_sensitive=False)
 
     env: Environment = Field("development", description="development, test or production")
-    debug: bool = Field(False, description="debug mode; refused in production")
     public_origin: str | None = Field(
-        None, description="the service's own origin, scheme://host[:port]; required in production"
+        None, description="the application's own origin, scheme://host[:port]: trusted by CSRF"
     )
     allowed_origins: Annotated[tuple[str, ...] | None, NoDecode] = Field(
-        None, description="comma-separated CORS allowlist; also the CSRF trusted origins"
+        None,
+        description="comma-separated CORS allowlist, also trusted by CSRF; https://*.example.com for one "
+        "subdomain label; default: the local dev servers in development, none otherwise",
     )
-    secret_key: SecretStr | None = Field(None, description=f"at least {MIN_SECRET_LENGTH} characters")
 
     cors_extra_headers: CommaList = Field((), description="request headers allowed beyond the four defaults")
+    cors_allow_methods: CommaList = Field(
+        ALLOWED_METHODS, description="methods a preflight allows (Access-Control-Allow-Methods)"
+    )
+    cors_expose_headers: CommaList = Field(
+        EXPOSED_HEADERS, description="response headers an allowed origin may read (Access-Control-Expose-Headers)"
+    )
     cors_max_age: int = Field(600, ge=0, le=86400, description="seconds a browser may cache a preflight")
 
+    csrf_exempt_paths: CommaList = Field(
+        (), description="exact paths the CSRF check skips (webhooks with their own signature check)"
+    )
+    correlation_header: str = Field(
+        CORRELATION_HEADER, description="the request and response header carrying the correlation ID"
+    )
+
     xss_protection: Literal["0", "1", "1; mode=block"] = "1; mode=block"
+    x_frame_options: Literal["DENY", "SAMEORIGIN"] = Field("DENY", description="DENY or SAMEORIGIN")
     referrer_policy: str = "strict-origin-when-cross-origin"
     hsts_max_age: int = Field(31536000, ge=0)
     hsts_include_subdomains: bool = False
@@ -128,6 +133,9 @@ class Settings(BaseSettings):
     permissions_policy: str | None = Field(None, description="full header value; empty turns it off")
     cross_origin_opener_policy: str = "same-origin"
     cross_origin_resource_policy: str = "same-site"
+    cross_origin_embedder_policy: str | None = Field(
+        None, description="opt-in: require-corp or credentialless (breaks cross-origin embeds without CORP/CORS)"
+    )
     x_permitted_cross_domain_policies: str = "none"
 
     csp_enabled: bool = True
@@ -139,67 +147,60 @@ class Settings(BaseSettings):
 
     no_store_paths: CommaList = Field((AUTH_PATH,), description="path prefixes answered with Cache-Control: no-store")
     max_body_bytes: int = Field(1024 * 1024, ge=0, description="largest request body; more is a 413")
-    body_timeout: float = Field(30.0, gt=0, le=3600, description="seconds a body may pause before a 408")
-    header_timeout: float = Field(
-        10.0, gt=0, le=600, description="thallus serve: seconds for a request's headers to arrive"
-    )
-    keep_alive_timeout: int = Field(5, ge=1, le=600, description="thallus serve: seconds an idle connection stays")
-    max_connections: int = Field(
-        1000, ge=1, le=1_000_000, description="thallus serve: open connections per worker; more get a 503"
-    )
-    max_connections_per_client: int = Field(
-        100, ge=0, le=1_000_000, description="thallus serve: open connections per client network; 0: no cap"
-    )
-    body_min_rate: int = Field(
-        500, ge=0, description="bytes/s a body must average once it has taken THALLUS_BODY_TIMEOUT; 0: no minimum"
-    )
     route_max_body_bytes: Annotated[dict[str, int], NoDecode] = Field(
         default_factory=dict, description="per-route body limits: '/path=bytes,/prefix*=bytes'"
     )
-    log_level: str = "INFO"
+    body_timeout: float = Field(30.0, gt=0, le=3600, description="seconds a body may pause before a 408")
+    body_min_rate: int = Field(
+        500, ge=0, description="bytes/s a body must average once it has taken THALLUS_BODY_TIMEOUT; 0: no minimum"
+    )
 
-    data_dir: Path = Field(default_factory=_default_data_dir, description="where the SQLite file lives")
-    database_url: str | None = Field(None, description="sqlalchemy URL; default: SQLite in THALLUS_DATA_DIR")
-    previous_secret_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
-        (), description="comma-separated earlier secrets: their tokens and keys stay valid during rotation"
-    )
-    registration_enabled: bool = Field(True, description="whether POST /api/v1/auth/register is open")
-    docs_enabled: bool = Field(True, description="whether /docs and /openapi.json are served")
-    refresh_token_ttl: int = Field(30 * 86400, ge=300, description="seconds a login (refresh-token family) lives")
-    session_inactivity_timeout: int = Field(
-        86400, ge=60, description="seconds without a refresh after which a session ends"
-    )
     rate_limit_enabled: bool = Field(True, description="per-IP request limits")
     rate_limit: str = Field("120/minute", description="general per-IP limit, limits notation")
     rate_limit_auth: str = Field("10/minute", description="per-IP limit on the authentication endpoints")
     rate_limit_auth_paths: CommaList = Field((AUTH_PATH,), description="path prefixes under the auth limit")
     rate_limit_exempt_paths: CommaList = Field(("/health", "/metrics"), description="paths never limited")
+    rate_limit_ipv4_prefix: int = Field(32, ge=1, le=32, description="IPv4 clients are counted per this network")
+    rate_limit_ipv6_prefix: int = Field(64, ge=1, le=128, description="IPv6 clients are counted per this network")
     trusted_proxies: CommaList = Field((), description="IPs/CIDRs whose forwarding header is believed")
     proxy_header: Literal["x-forwarded-for", "forwarded"] = Field(
         "x-forwarded-for", description="the one forwarding header read from a trusted proxy; the other is ignored"
     )
-    rate_limit_ipv4_prefix: int = Field(32, ge=1, le=32, description="IPv4 clients are counted per this network")
-    rate_limit_ipv6_prefix: int = Field(64, ge=1, le=128, description="IPv6 clients are counted per this network")
-    redis_url: str | None = Field(None, description="redis://host:port/db: limits and lockouts across instances")
+    redis_url: str | None = Field(None, description="redis://host:port/db: limits shared by every instance")
     redis_key_prefix: str = Field("thallus", description="prefix of every Redis key")
-    lockout_threshold: int = Field(5, ge=1, description="consecutive failed logins before a lock")
-    lockout_steps: Annotated[tuple[int, ...], NoDecode] = Field(
-        (900, 1800, 3600, 7200), description="lock durations in seconds, the last repeating"
-    )
-    audit_enabled: bool = Field(True, description="persist the audit log (else audit events are only logged)")
-    audit_journal_dir: Path | None = Field(None, description="spill journal; default THALLUS_DATA_DIR/audit-journal")
-    audit_queue_size: int = Field(10_000, ge=1, description="records held in memory before spilling")
-    audit_batch_size: int = Field(500, ge=1, le=10_000, description="records written per transaction")
-    audit_write_timeout: float = Field(5.0, gt=0, description="seconds before a slow write spills")
-    argon2_time_cost: int = Field(3, ge=1)
-    argon2_memory_cost: int = Field(65536, ge=8, description="KiB")
-    argon2_parallelism: int = Field(4, ge=1)
-    password_hash_concurrency: int | None = Field(
-        None, ge=1, le=1024, description="Argon2 operations at once per process; default two per CPU"
-    )
-    password_hash_max_wait: float = Field(
-        5.0, gt=0, le=60, description="seconds a request waits for a hashing slot before a 503"
-    )
+
+    def __init__(self, **values: Any) -> None:
+        """Validate ``values`` (keyword arguments) over the environment; every problem at once.
+
+        Raises :class:`ConfigurationError`. A field that fails is validated again at its default so
+        that the cross-field refusals of the rest are reported in the same run.
+        """
+        keywords = frozenset(name for name in values if not name.startswith("_"))
+        problems = unknown_keywords(type(self), keywords)
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            described = _described(exc, keywords)
+            problems += [line for _, line, _ in described]
+            failed = {field for field, _, refusal in described if field and not refusal}
+            if failed:
+                problems += self._refusals_despite(values, failed, keywords)
+        except (OSError, ValueError) as exc:  # an unreadable or malformed TOML or .env file
+            problems.append(f"{_file_variable()}: {exc}")
+        if problems:
+            raise ConfigurationError(problems)
+
+    def _refusals_despite(self, values: dict[str, Any], failed: set[str], keywords: frozenset[str]) -> list[str]:
+        """The cross-field refusals of ``values`` with each ``failed`` field at its default."""
+        fields = type(self).model_fields
+        retry = {**values, **{name: fields[name].get_default(call_default_factory=True) for name in failed}}
+        try:
+            super().__init__(**retry)
+        except ValidationError as exc:
+            return [line for field, line, refusal in _described(exc, keywords) if refusal and field not in failed]
+        except (OSError, ValueError):
+            return []
+        return []
 
     # -- parsing -------------------------------------------------------------------------
 
@@ -213,6 +214,11 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        env_file = env_file_path()
+        if env_file is not None:
+            if os.environ.get(ENV_FILE_VARIABLE) and not env_file.is_file():
+                raise OSError(f"{ENV_FILE_VARIABLE}: {str(env_file)!r} is not a readable file")
+            sources.append(DotEnvSettingsSource(settings_cls, env_file=env_file, env_prefix=ENV_PREFIX))
         config_file = os.environ.get(CONFIG_FILE_VARIABLE)
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
@@ -235,7 +241,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_origins", mode="before")
     @classmethod
     def _parse_allowed_origins(cls, value: Any) -> Any:
-        value = _split_commas(value)
+        value = split_commas(value)
         if isinstance(value, (list, tuple)):
             return parse_origins([str(item) for item in value])
         return value
@@ -247,24 +253,62 @@ class Settings(BaseSettings):
             return parse_origin(value) if value.strip() else None
         return value
 
-    @field_validator("cors_extra_headers", mode="before")
+    @field_validator("cors_extra_headers", "cors_expose_headers", mode="before")
     @classmethod
     def _parse_header_names(cls, value: Any) -> Any:
-        value = _split_commas(value)
+        value = split_commas(value)
         if isinstance(value, (list, tuple)):
             for name in value:
                 if not _HEADER_NAME.fullmatch(str(name)):
                     raise ValueError(f"{name!r} is not a valid header name")
         return value
 
-    @field_validator("no_store_paths", mode="before")
+    @field_validator("correlation_header", mode="before")
+    @classmethod
+    def _parse_correlation_header(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if not _HEADER_NAME.fullmatch(value):
+                raise ValueError(f"{value!r} is not a valid header name")
+        return value
+
+    @field_validator("cors_allow_methods", mode="before")
+    @classmethod
+    def _parse_methods(cls, value: Any) -> Any:
+        value = split_commas(value)
+        if isinstance(value, (list, tuple)):
+            methods = tuple(dict.fromkeys(str(method).upper() for method in value))
+            for method in methods:
+                if not _HEADER_NAME.fullmatch(method):
+                    raise ValueError(f"{method!r} is not a method (RFC 9110 §9.1: a token)")
+            if "*" in methods:
+                raise ValueError("'*' is not allowed: list the methods")
+            return methods
+        return value
+
+    @field_validator("x_frame_options", mode="before")
+    @classmethod
+    def _parse_frame_options(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("no_store_paths", "rate_limit_auth_paths", "rate_limit_exempt_paths", mode="before")
     @classmethod
     def _parse_paths(cls, value: Any) -> Any:
-        value = _split_commas(value)
+        value = split_commas(value)
         if isinstance(value, (list, tuple)):
             for path in value:
                 if not str(path).startswith("/"):
                     raise ValueError(f"{path!r} must start with '/'")
+        return value
+
+    @field_validator("csrf_exempt_paths", mode="before")
+    @classmethod
+    def _parse_exact_paths(cls, value: Any) -> Any:
+        value = cls._parse_paths(value)
+        if isinstance(value, (list, tuple)):
+            for path in value:
+                if any(char in str(path) for char in "*?#"):
+                    raise ValueError(f"{path!r}: exact paths only (no wildcard, query or fragment)")
         return value
 
     @field_validator("route_max_body_bytes", mode="before")
@@ -272,30 +316,13 @@ class Settings(BaseSettings):
     def _parse_route_limits(cls, value: Any) -> Any:
         if isinstance(value, str):
             limits: dict[str, int] = {}
-            for item in _split_commas(value):
+            for item in split_commas(value):
                 path, _, size = item.partition("=")
                 path, size = path.strip(), size.strip()
                 if not path.startswith("/") or not size.isdigit():
                     raise ValueError(f"{item!r} is not '/path=bytes' (or '/prefix*=bytes')")
                 limits[path] = int(size)
             return limits
-        return value
-
-    @field_validator("previous_secret_keys", mode="before")
-    @classmethod
-    def _parse_previous_secrets(cls, value: Any) -> Any:
-        return _split_commas(value)
-
-    @field_validator("database_url")
-    @classmethod
-    def _check_database_url(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        value = value.strip()
-        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://", "postgresql://", "postgres://")):
-            raise ValueError("use sqlite+aiosqlite:///path or postgresql+asyncpg://user@host/db")
-        if value.startswith(("postgresql://", "postgres://")):
-            value = "postgresql+asyncpg://" + value.split("://", 1)[1]
         return value
 
     @field_validator("rate_limit", "rate_limit_auth")
@@ -311,25 +338,9 @@ class Settings(BaseSettings):
     def _check_proxies(cls, value: Any) -> Any:
         from thallus.ratelimit import parse_networks
 
-        value = _split_commas(value)
+        value = split_commas(value)
         if isinstance(value, (list, tuple)):
             parse_networks([str(item) for item in value])
-        return value
-
-    @field_validator("lockout_steps", mode="before")
-    @classmethod
-    def _parse_steps(cls, value: Any) -> Any:
-        value = _split_commas(value)
-        if isinstance(value, (list, tuple)):
-            if not value:
-                raise ValueError("needs at least one duration")
-            try:
-                steps = tuple(int(step) for step in value)
-            except (TypeError, ValueError):
-                raise ValueError("must be whole seconds, e.g. 900,1800,3600,7200") from None
-            if any(step <= 0 for step in steps):
-                raise ValueError("durations must be positive")
-            return steps
         return value
 
     @field_validator("redis_url")
@@ -339,26 +350,14 @@ class Settings(BaseSettings):
             return None
         if not value.strip().startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("use redis://host:port/db or rediss://…")
+        if importlib.util.find_spec("coredis") is None:
+            raise ValueError('Redis needs the redis extra: pip install "thallus[redis]"')
         return value.strip()
-
-    @field_validator("rate_limit_auth_paths", "rate_limit_exempt_paths", mode="before")
-    @classmethod
-    def _parse_rate_paths(cls, value: Any) -> Any:
-        return cls._parse_paths(value)
 
     @field_validator("proxy_header", mode="before")
     @classmethod
     def _parse_proxy_header(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _parse_log_level(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.strip().upper()
-            if value not in _LOG_LEVELS:
-                raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
-        return value
 
     @field_validator("referrer_policy")
     @classmethod
@@ -375,6 +374,13 @@ class Settings(BaseSettings):
     def _check_isolation_header(cls, value: str, info: ValidationInfo) -> str:
         return headers.validate_isolation_value(str(info.field_name), value)
 
+    @field_validator("cross_origin_embedder_policy")
+    @classmethod
+    def _check_embedder_policy(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return headers.validate_isolation_value("cross_origin_embedder_policy", value.strip())
+
     @field_validator("csp_extra_sources")
     @classmethod
     def _check_csp_sources(cls, value: str) -> str:
@@ -388,64 +394,36 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
-        if self.hsts_preload and (not self.hsts_include_subdomains or self.hsts_max_age < 31536000):
-            raise _RefusalError(
-                "THALLUS_HSTS_PRELOAD",
-                "preload needs THALLUS_HSTS_INCLUDE_SUBDOMAINS=true and a max-age of a year or more",
-            )
-        if self.env == "development":
-            return self
-        if self.argon2_memory_cost < MIN_ARGON2_MEMORY_KIB:
-            raise _RefusalError(
-                "THALLUS_ARGON2_MEMORY_COST",
-                f"must be at least {MIN_ARGON2_MEMORY_KIB} KiB outside development (OWASP)",
-            )
-        secret = self.secret_key.get_secret_value() if self.secret_key else ""
-        if not secret:
-            raise _RefusalError("THALLUS_SECRET_KEY", f"is required in {self.env}")
-        if len(secret) < MIN_SECRET_LENGTH:
-            raise _RefusalError("THALLUS_SECRET_KEY", f"must be at least {MIN_SECRET_LENGTH} characters in {self.env}")
-        if not self.allowed_origins:
-            raise _RefusalError("THALLUS_ALLOWED_ORIGINS", f"must list the allowed origins in {self.env}")
-        if self.env == "test":
-            return self
-        if self.debug:
-            raise _RefusalError("THALLUS_DEBUG", "debug mode is refused in production")
-        if self.public_origin is None:
-            raise _RefusalError("THALLUS_PUBLIC_ORIGIN", "is required in production (the service's own https origin)")
-        if not self.public_origin.startswith("https://"):
-            raise _RefusalError(
-                "THALLUS_PUBLIC_ORIGIN", f"{self.public_origin!r} is not https; production serves https only"
-            )
-        for origin in self.allowed_origins:
-            if not origin.startswith("https://"):
-                raise _RefusalError(
-                    "THALLUS_ALLOWED_ORIGINS", f"{origin!r} is not https; production allows https origins only"
-                )
+        if refusals := self.refusals():
+            raise _RefusalsError(refusals)
         return self
+
+    def refusals(self) -> list[Refusal]:
+        """Every cross-field refusal of this configuration (the service's extend these)."""
+        refusals: list[Refusal] = []
+        if self.hsts_preload and (not self.hsts_include_subdomains or self.hsts_max_age < 31536000):
+            refusals.append(
+                ("hsts_preload", "preload needs THALLUS_HSTS_INCLUDE_SUBDOMAINS=true and a max-age of a year or more")
+            )
+        if self.env == "production":
+            if self.public_origin is not None and not self.public_origin.startswith("https://"):
+                refusals.append(("public_origin", f"{self.public_origin!r} is not https; production serves https only"))
+            for origin in self.origins:
+                if not origin.startswith("https://"):
+                    refusals.append(
+                        ("allowed_origins", f"{origin!r} is not https; production allows https origins only")
+                    )
+                    break
+        return refusals
 
     # -- loading ----------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, **overrides: Any) -> Settings:
-        """Read settings from the environment (and config file); raise :class:`ConfigurationError`."""
-        try:
-            return cls(**overrides)
-        except ValidationError as exc:
-            raise ConfigurationError(describe_errors(exc)) from None
-        except (OSError, ValueError) as exc:  # unreadable or malformed TOML file
-            raise ConfigurationError([f"{CONFIG_FILE_VARIABLE}: {exc}"]) from None
+    def load(cls, **overrides: Any) -> Self:
+        """Read settings from the environment, ``.env`` and config file; raise :class:`ConfigurationError`."""
+        return cls(**overrides)
 
     # -- derived policy ---------------------------------------------------------------------
-
-    @property
-    def effective_database_url(self) -> str:
-        """``THALLUS_DATABASE_URL``, or the embedded SQLite file in ``THALLUS_DATA_DIR``."""
-        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'thallus.db'}"
-
-    @property
-    def effective_audit_journal_dir(self) -> Path:
-        return self.audit_journal_dir or self.data_dir / "audit-journal"
 
     @property
     def origins(self) -> tuple[str, ...]:
@@ -465,18 +443,24 @@ class Settings(BaseSettings):
 
     @property
     def expose_error_details(self) -> bool:
-        """Whether a 500 names the exception (development only, SYSTEM.md §6)."""
+        """Whether a 500 names the exception (development only, docs/design.md §6)."""
         return self.env == "development"
 
     @property
     def hsts_enabled(self) -> bool:
         return self.env == "production" and self.hsts_max_age > 0
 
-    @property
-    def cookie_policy(self) -> CookiePolicy:
-        if self.env == "development":
-            return CookiePolicy(REFRESH_COOKIE, secure=False, same_site="Lax", path=AUTH_PATH)
-        return CookiePolicy(SECURE_REFRESH_COOKIE, secure=True, same_site="Strict", path=AUTH_PATH)
+
+def env_file_path() -> Path | None:
+    """The ``.env`` file read: ``THALLUS_ENV_FILE`` (empty: none), else ``.env`` in the working directory."""
+    chosen = os.environ.get(ENV_FILE_VARIABLE)
+    if chosen is None:
+        return Path(DEFAULT_ENV_FILE)
+    return Path(chosen) if chosen.strip() else None
+
+
+def _file_variable() -> str:
+    return CONFIG_FILE_VARIABLE if os.environ.get(CONFIG_FILE_VARIABLE) else ENV_FILE_VARIABLE
 
 
 def variable_name(field: str) -> str:
@@ -484,15 +468,38 @@ def variable_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def describe_errors(exc: ValidationError) -> list[str]:
-    """One line per problem: ``THALLUS_VARIABLE: reason``."""
+def source_name(field: str, keywords: frozenset[str] = frozenset()) -> str:
+    """What a problem with ``field`` names: the keyword if it was one, else the variable."""
+    return field if field in keywords else variable_name(field)
+
+
+def unknown_keywords(settings_cls: type[Settings], keywords: frozenset[str]) -> list[str]:
+    """One line per keyword that is no field of ``settings_cls``, with the nearest field if any."""
+    fields = list(settings_cls.model_fields)
     lines = []
+    for name in sorted(keywords - set(fields)):
+        near = difflib.get_close_matches(name, fields, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        lines.append(f"{name}: unknown setting of {settings_cls.__name__}{hint}")
+    return lines
+
+
+def _described(exc: ValidationError, keywords: frozenset[str]) -> list[tuple[str | None, str, bool]]:
+    """``(field, line, is_refusal)`` per problem; the line is ``NAME: reason``."""
+    described: list[tuple[str | None, str, bool]] = []
     for error in exc.errors():
         cause = (error.get("ctx") or {}).get("error")
-        if isinstance(cause, _RefusalError):
-            lines.append(f"{cause.variable}: {cause.reason}")
+        if isinstance(cause, _RefusalsError):
+            described += [
+                (field, f"{source_name(field, keywords)}: {reason}", True) for field, reason in cause.refusals
+            ]
             continue
         field = next((str(part) for part in error["loc"] if isinstance(part, str)), None)
         reason = str(cause) if isinstance(cause, (InvalidOriginError, ValueError)) else error["msg"]
-        lines.append(f"{variable_name(field)}: {reason}" if field else reason)
-    return lines
+        described.append((field, f"{source_name(field, keywords)}: {reason}" if field else reason, False))
+    return described
+
+
+def describe_errors(exc: ValidationError, keywords: frozenset[str] = frozenset()) -> list[str]:
+    """One line per problem: ``THALLUS_VARIABLE: reason`` (or ``keyword: reason``)."""
+    return [line for _, line, _ in _described(exc, keywords)]

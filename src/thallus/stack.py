@@ -1,4 +1,4 @@
-"""``protect(app, settings)``: the layers of SYSTEM.md §2 that need no database, composed.
+"""``protect(app, settings)``: the layers of docs/design.md §2 that need no database, composed.
 
 Outermost first::
 

@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from tests.browser.support import ACCESS, ServerLog
 from thallus._asgi import ASGIApp, Message, Receive, Scope, Send
-from thallus.api.docs import mount_docs
+from thallus.server.api.docs import mount_docs
 
 REFRESH_COOKIE = "thallus_refresh"
 NAIVE_COOKIE_ATTRIBUTES = "Path=/; SameSite=None; Secure"  # Secure is allowed on http://localhost

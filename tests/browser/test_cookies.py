@@ -136,7 +136,7 @@ def run_cookies(new_context: NewContext, sites: Sites, backend: Backend) -> tupl
 
 
 def cookie_violations(run: CookieRun) -> list[str]:
-    """Departures from production's cookie policy (SYSTEM.md §6), one line each."""
+    """Departures from production's cookie policy (docs/design.md §6), one line each."""
     problems: list[str] = []
     if run.cookie is None:
         return ["no refresh cookie was stored"]

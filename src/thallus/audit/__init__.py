@@ -1,4 +1,4 @@
-"""Audit events (SYSTEM.md §11): what happened, to whom, with which correlation ID.
+"""Audit events (docs/design.md §11): what happened, to whom, with which correlation ID.
 
 Producers (identity, CSRF, CORS, …) describe an event with :class:`AuditEvent` and hand it to an
 :class:`AuditSink`, whose ``record`` never blocks and never raises — an audit problem must not fail

@@ -1,4 +1,4 @@
-"""One ``request`` audit record for every state-changing request not answered 429 (SYSTEM.md §11).
+"""One ``request`` audit record for every state-changing request not answered 429 (docs/design.md §11).
 
 Placed just inside CORS (outside the error boundary), so it sees the final status of every request
 whichever layer answered it — a CSRF 403, a 401, a 404, a crash's 500 — and exactly one record is
@@ -9,7 +9,7 @@ written per request. The principal, set deeper by the authentication layer, is r
 A request answered 429 writes no ``request`` record: the refusal's own record stands for it
 (``rate_limited`` from the rate limiter, ``login_failed`` from a sign-in lockout). Written as well,
 a flood past the limit cost two rows per request, and the second — unlike the refusal records,
-which are coalesced per client (:mod:`thallus.audit.coalesce`) — one each, however many came.
+which are coalesced per client (:mod:`thallus.server.audit.coalesce`) — one each, however many came.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from thallus._asgi import ASGIApp, Message, Receive, Scope, Send
 from thallus.audit import AuditEvent, AuditSink, Outcome, request_fields
 from thallus.csrf import SAFE_METHODS
-from thallus.identity.principal import principal_of
+from thallus.principal import principal_of
 
 #: The status whose request is recorded by its refusal alone.
 TOO_MANY_REQUESTS = 429

@@ -1,5 +1,0 @@
-"""Persistence: SQLAlchemy 2 (async) models, engines for SQLite and PostgreSQL, Alembic migrations."""
-
-from thallus.storage.database import Database, DatabaseUnavailableError
-
-__all__ = ["Database", "DatabaseUnavailableError"]
