@@ -72,6 +72,7 @@ from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS, CORS
 from thallus.csrf import CSRFMiddleware
 from thallus.errors import ErrorBoundaryMiddleware
 from thallus.headers import SecurityHeadersMiddleware
+from thallus.stack import protection
 
 SECRET = "x" * 40
 APP_ORIGIN = "https://app.example.com"
@@ -141,7 +142,7 @@ LAYERS: dict[str, Callable[[], ASGIApp]] = {
     "cors": lambda: CORSMiddleware(make_app(), (APP_ORIGIN,)),
     "csrf": lambda: CSRFMiddleware(make_app(), (APP_ORIGIN, PUBLIC_ORIGIN), environment="production"),
     "errors": lambda: ErrorBoundaryMiddleware(make_app()),
-    "composed": lambda: protect(make_app(), thallus_settings()).composed,
+    "composed": lambda: protection(protect(make_app(), thallus_settings())).composed,
     "thallus": build_thallus,
 }
 
@@ -533,7 +534,7 @@ def _pass_through(app: ASGIApp) -> ASGIApp:
 async def breakdown(options: argparse.Namespace) -> list[dict[str, Any]]:
     """The steps of ``ProtectedApp``'s HTTP path for ``post_csrf``, each timed on its own with the
     real functions (timeit, best of ``--repeat``), and the plumbing floor of one ASGI layer."""
-    protected = protect(make_app(), thallus_settings())
+    protected = protection(protect(make_app(), thallus_settings()))
     csrf = protected.csrf
     assert csrf is not None, "with no limiter and no inner layer, protect() checks CSRF in its fast path"
     scenario = {s.name: s for s in SCENARIOS}["post_csrf"]

@@ -1,6 +1,8 @@
 """Thallus: a security layer for HTTP APIs — headers, CSRF, CORS, correlation IDs, JSON errors.
 
-``protect(app, settings)`` wraps any ASGI application; each layer is also usable on its own.
+``protect(app, settings)`` protects any ASGI application (a Starlette or FastAPI one in place);
+each layer is also usable on its own. The reference service is :mod:`thallus.server`
+(``pip install "thallus[server]"``).
 """
 
 from thallus.correlation import CorrelationIdMiddleware, get_correlation_id, propagate_correlation_id
@@ -9,7 +11,7 @@ from thallus.csrf import CSRFMiddleware, csrf_verdict, mark_api_key_authenticate
 from thallus.errors import ErrorBoundaryMiddleware, ThallusError
 from thallus.headers import HeaderPolicy, SecurityHeadersMiddleware, csp_nonce, override_header
 from thallus.settings import ConfigurationError, Settings
-from thallus.stack import protect
+from thallus.stack import protect, protection
 
 __all__ = [
     "CORSMiddleware",
@@ -28,6 +30,7 @@ __all__ = [
     "override_header",
     "propagate_correlation_id",
     "protect",
+    "protection",
 ]
 
 __version__ = "0.1.0"

@@ -23,8 +23,11 @@ outermost first, so an authentication layer can mark a verified API key before C
 from __future__ import annotations
 
 import logging
+import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar, overload
 
 from thallus._asgi import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from thallus.audit import AuditSink
@@ -53,7 +56,33 @@ from thallus.headers import HeaderPolicy, SecurityHeadersMiddleware
 from thallus.ratelimit import RateLimitMiddleware, RateLimitStorage, create_storage
 from thallus.settings import Settings
 
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
 Layer = Callable[[ASGIApp], ASGIApp]
+StarletteT = TypeVar("StarletteT", bound="Starlette")
+
+
+@overload
+def protect(
+    app: StarletteT,
+    settings: Settings | None = None,
+    *,
+    inner: Sequence[Layer] = (),
+    audit: AuditSink | None = None,
+    rate_limit_storage: RateLimitStorage | None = None,
+) -> StarletteT: ...
+
+
+@overload
+def protect(
+    app: ASGIApp,
+    settings: Settings | None = None,
+    *,
+    inner: Sequence[Layer] = (),
+    audit: AuditSink | None = None,
+    rate_limit_storage: RateLimitStorage | None = None,
+) -> ASGIApp: ...
 
 
 def protect(
@@ -63,19 +92,82 @@ def protect(
     inner: Sequence[Layer] = (),
     audit: AuditSink | None = None,
     rate_limit_storage: RateLimitStorage | None = None,
-) -> ProtectedApp:
-    """Wrap any ASGI application in the core protection layers configured by ``settings``.
+) -> ASGIApp:
+    """Protect an ASGI application with the core layers configured by ``settings``.
 
-    Without ``settings``, they are read from the environment (``Settings.load()``). A Starlette or
-    FastAPI application also gets §8 handlers for its own HTTP and validation errors
-    (:func:`~thallus.errors.install_error_handlers`); any other application's non-JSON error
-    responses are rewritten by the error boundary. ``audit`` receives ``csrf_rejected``,
-    ``cors_rejected`` and ``rate_limited`` events; ``rate_limit_storage`` (``create_storage``'s, or any
-    ``limits`` async storage) defaults to memory, or Redis when ``THALLUS_REDIS_URL`` is set.
+    A Starlette or FastAPI application is protected **in place** and returned itself: the layers
+    become the outermost part of its middleware stack (outside Starlette's ``ServerErrorMiddleware``
+    and any middleware added before or after), so whichever name a server is pointed at —
+    ``fastapi run``, ``fastapi dev``, ``uvicorn main:api`` or ``main:app`` — serves the protected
+    app. It also gets §8 handlers for its own HTTP and validation errors
+    (:func:`~thallus.errors.install_error_handlers`). Any other ASGI application is wrapped and the
+    wrapper (a :class:`ProtectedApp`) returned; its non-JSON error responses are rewritten by the
+    error boundary. Either way no exception reaches the server, whose plain-text 500 would carry
+    no correlation ID and no security headers.
+
+    Without ``settings``, they are read from the environment (``Settings.load()``): a bad
+    configuration fails here, at start-up, not at the first request. ``audit`` receives
+    ``csrf_rejected``, ``cors_rejected`` and ``rate_limited`` events; ``rate_limit_storage``
+    (``create_storage``'s, or any ``limits`` async storage) defaults to memory, or Redis when
+    ``THALLUS_REDIS_URL`` is set. Protecting the same application twice is refused (ValueError).
     """
     settings = settings or Settings.load()
-    if _is_starlette(app):
-        install_error_handlers(app)
+    if not _is_starlette(app):
+        return _compose(app, settings, inner=inner, audit=audit, rate_limit_storage=rate_limit_storage)
+    if app in _installed:
+        raise ValueError("protect() was already applied to this application")
+    install_error_handlers(app)
+    own_stack = _OwnStack(app.build_middleware_stack)
+    protected = _compose(own_stack, settings, inner=inner, audit=audit, rate_limit_storage=rate_limit_storage)
+    # Starlette builds its middleware stack on the first call, through this public method; ours
+    # wraps what it builds. Reset a stack built already, so the next call goes through ours.
+    app.build_middleware_stack = lambda: protected  # type: ignore[method-assign]
+    app.middleware_stack = None
+    _installed[app] = protected
+    return app
+
+
+def protection(app: ASGIApp) -> ProtectedApp:
+    """The :class:`ProtectedApp` serving ``app``: ``app`` itself if :func:`protect` wrapped it, or
+    the one installed in a Starlette or FastAPI application. Raises ``LookupError`` if neither."""
+    if isinstance(app, ProtectedApp):
+        return app
+    try:
+        return _installed[app]
+    except (KeyError, TypeError):
+        raise LookupError("this application is not protected by thallus.protect()") from None
+
+
+class _OwnStack:
+    """A Starlette application's own middleware stack, built on first use (as Starlette itself
+    does), so middleware the application adds after :func:`protect` still takes effect."""
+
+    __slots__ = ("build", "stack")
+
+    def __init__(self, build: Callable[[], ASGIApp]) -> None:
+        self.build = build
+        self.stack: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stack = self.stack
+        if stack is None:
+            stack = self.stack = self.build()
+        await stack(scope, receive, send)
+
+
+#: Starlette applications :func:`protect` installed itself in, and what it installed.
+_installed: weakref.WeakKeyDictionary[Any, ProtectedApp] = weakref.WeakKeyDictionary()
+
+
+def _compose(
+    app: ASGIApp,
+    settings: Settings,
+    *,
+    inner: Sequence[Layer],
+    audit: AuditSink | None,
+    rate_limit_storage: RateLimitStorage | None,
+) -> ProtectedApp:
+    """The layers around ``app``, outermost first as the module docstring draws them."""
     csrf = CSRFMiddleware(app, settings.trusted_origins, environment=settings.env, audit=audit)
     wrapped: ASGIApp = csrf
     for layer in reversed(inner):
@@ -117,12 +209,11 @@ def protect(
     )
 
 
-def _is_starlette(app: ASGIApp) -> bool:
-    try:
-        from starlette.applications import Starlette
-    except ImportError:  # pragma: no cover - starlette is a dependency
-        return False
-    return isinstance(app, Starlette)
+def _is_starlette(app: ASGIApp) -> TypeGuard[Starlette]:
+    """Whether ``app`` is a Starlette (or FastAPI) application; Starlette is not a dependency of the
+    layers, so an application of it means it is installed."""
+    starlette = sys.modules.get("starlette.applications")
+    return starlette is not None and isinstance(app, starlette.Starlette)
 
 
 #: The request headers the fast path reads, in its one pass over them.

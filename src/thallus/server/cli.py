@@ -254,6 +254,10 @@ def _serve(args: argparse.Namespace) -> int:
         server_header=False,
         proxy_headers=False,
         http=PROTOCOL,  # uvicorn's h11 protocol with a header deadline and a connection cap
+        # the standard event loop whatever is installed: the protocol above wraps asyncio's
+        # transports (lingering close, TCP_NODELAY), and uvloop's are other classes; with
+        # uvicorn[standard] (or fastapi[standard]) installed, uvicorn's "auto" would pick uvloop
+        loop="asyncio",
         timeout_keep_alive=settings.keep_alive_timeout,
     )
     return 0
