@@ -10,6 +10,7 @@ from thallus.cors import CORSMiddleware
 from thallus.csrf import CSRFMiddleware, csrf_verdict, mark_api_key_authenticated
 from thallus.errors import ErrorBoundaryMiddleware, ThallusError
 from thallus.headers import HeaderPolicy, SecurityHeadersMiddleware, csp_nonce, override_header
+from thallus.logs import CorrelationIdFilter, configure_logging
 from thallus.settings import ConfigurationError, Settings
 from thallus.stack import protect, protection
 
@@ -17,12 +18,14 @@ __all__ = [
     "CORSMiddleware",
     "CSRFMiddleware",
     "ConfigurationError",
+    "CorrelationIdFilter",
     "CorrelationIdMiddleware",
     "ErrorBoundaryMiddleware",
     "HeaderPolicy",
     "SecurityHeadersMiddleware",
     "Settings",
     "ThallusError",
+    "configure_logging",
     "csp_nonce",
     "csrf_verdict",
     "get_correlation_id",

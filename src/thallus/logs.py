@@ -1,9 +1,13 @@
-"""Structured JSON log lines, each carrying the current correlation ID (docs/design.md §7).
+"""Log lines carrying the current correlation ID (docs/design.md §7), for the service and for
+library users alike.
 
 :class:`CorrelationIdFilter` stamps ``record.correlation_id`` from the context variable (an
-explicit ``extra={"correlation_id": …}`` wins); :class:`JsonFormatter` writes one JSON object per
-line with every ``extra`` field, so log pipelines need no parsing rules. Control characters and
-non-ASCII in messages are escaped by the JSON encoder, so a hostile header cannot forge lines.
+explicit ``extra={"correlation_id": …}`` wins) — add it to handlers of your own;
+:class:`JsonFormatter` writes one JSON object per line with every ``extra`` field, so log pipelines
+need no parsing rules. Control characters and non-ASCII in messages are escaped by the JSON
+encoder, so a hostile header cannot forge lines; :class:`TextFormatter` is the readable form for
+a terminal, escaping them too. :func:`configure_logging` sets either up in one call. Importing
+Thallus configures nothing: the layers only log through their ``thallus.*`` loggers.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from thallus.correlation import correlation_id_var
 
@@ -52,25 +56,58 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=True)
 
 
+class TextFormatter(logging.Formatter):
+    """``12:00:00.123 INFO  thallus.csrf [<correlation id>] message key=value…`` for a terminal;
+    the message and the values are escaped like :func:`repr` does, so one record stays one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S.%f")[:-3]
+        correlation = getattr(record, "correlation_id", None) or "-"
+        message = _one_line(record.getMessage())
+        extras = " ".join(
+            f"{key}={_one_line(str(value))}"
+            for key, value in vars(record).items()
+            if key not in _STANDARD_ATTRIBUTES and key != "correlation_id"
+        )
+        line = f"{moment} {record.levelname:<5} {record.name} [{correlation}] {message}"
+        if extras:
+            line += " " + extras
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _one_line(text: str) -> str:
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def json_handler(stream: Any = None) -> logging.Handler:
     """A stream handler (stderr by default) with the filter and the JSON formatter."""
+    return _handler(JsonFormatter(), stream)
+
+
+def _handler(formatter: logging.Formatter, stream: Any) -> logging.Handler:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(CorrelationIdFilter())
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(formatter)
     return handler
 
 
-def configure_logging(level: str = "INFO", stream: Any = None) -> None:
-    """Route ``thallus`` and ``uvicorn`` loggers to one JSON handler on the root logger.
+def configure_logging(level: str = "INFO", stream: Any = None, *, output: Literal["json", "text"] = "json") -> None:
+    """One handler on the root logger (stderr by default): JSON lines carrying ``correlation_id``,
+    or ``output="text"`` for reading in a terminal during development.
 
-    uvicorn's own access log is silenced: the correlation layer writes the access line, with
+    Calling it again replaces the handler it added, not yours. uvicorn's loggers go to the same
+    handler and its own access log is silenced: the correlation layer writes the access line, with
     the correlation ID and the final status.
     """
+    if output not in ("json", "text"):
+        raise ValueError(f"output must be 'json' or 'text', not {output!r}")
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_thallus", False):
             root.removeHandler(handler)
-    handler = json_handler(stream)
+    handler = _handler(JsonFormatter() if output == "json" else TextFormatter(), stream)
     handler._thallus = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)

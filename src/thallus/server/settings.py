@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
-from thallus.settings import AUTH_PATH, Refusal, Settings, split_commas
+from thallus.settings import AUTH_PATH, CommaList, Refusal, Settings, split_commas
 
 MIN_SECRET_LENGTH = 32
 #: OWASP Password Storage Cheat Sheet's floor for Argon2id (19 MiB, t=2, p=1).
@@ -56,6 +56,9 @@ class ServiceSettings(Settings):
         (), description="comma-separated earlier secrets: their tokens and keys stay valid during rotation"
     )
     log_level: str = "INFO"
+    rate_limit_exempt_paths: CommaList = Field(
+        ("/health", "/ready", "/metrics"), description="paths never limited: the probes and the scrape"
+    )
 
     header_timeout: float = Field(
         10.0, gt=0, le=600, description="thallus serve: seconds for a request's headers to arrive"

@@ -28,6 +28,7 @@ from thallus.server.audit.writer import AuditWriter
 from thallus.server.auth import AuthenticationMiddleware
 from thallus.server.identity.lockout import LoginLockout, lockout_store
 from thallus.server.identity.service import Identity
+from thallus.server.readiness import Readiness
 from thallus.server.settings import ServiceSettings
 from thallus.server.storage.database import Database, DatabaseUnavailableError
 from thallus.stack import protect
@@ -81,6 +82,7 @@ def create_api(settings: ServiceSettings, identity: Identity, writer: AuditWrite
         redirect_slashes=False,
     )
     api.state.identity = identity
+    api.state.readiness = Readiness(identity.database, settings.redis_url)
     api.state.audit_store = writer.store if writer is not None else None
     routers = (health.router, auth.router, users.router, api_keys.router, admin.router, audit_logs.router)
     for router in (*routers, csp_reports.router):
