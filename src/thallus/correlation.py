@@ -11,6 +11,12 @@ Rules (docs/design.md §7):
   appended) on the response, written back into the request headers so inner layers and tracers
   see the effective value, and offered to outgoing ``httpx`` calls (:func:`propagate_correlation_id`).
 
+The header, the generator and the validator are options (:class:`CorrelationIds`), like
+asgi-correlation-id's ``header_name``/``generator``/``validator``: e.g. ``X-Request-ID`` where the
+platform already sets that one. A custom validator narrows a header-safe baseline (visible ASCII,
+at most :data:`MAX_CUSTOM_LENGTH` characters), never widens it, since the accepted value is copied
+verbatim into logs, error bodies and the response; a custom generator's IDs must pass it too.
+
 The layer also writes the one access-log line per request (method, path, status, duration), since
 it is the outermost layer and sees the final status of every response.
 """
@@ -22,7 +28,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +41,11 @@ HEADER = "X-Correlation-ID"
 HEADER_KEY = b"x-correlation-id"
 STATE_KEY = "correlation_id"
 MAX_LENGTH = 128
+#: The longest ID a custom validator may accept (or a custom generator produce).
+MAX_CUSTOM_LENGTH = 256
 _VALID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_HEADER_SAFE = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_CUSTOM_LENGTH)
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2: a header name
 _LOGGED_SAMPLE = 64
 
 logger = logging.getLogger("thallus.correlation")
@@ -114,40 +124,131 @@ def escape_for_log(raw: bytes) -> str:
 # -- the layer ------------------------------------------------------------------------------
 
 
-def accept_or_mint(scope: Scope, client_values: Sequence[bytes]) -> tuple[str, tuple[bytes, bytes]]:
-    """The request's correlation ID and its response header, from the client's
-    ``X-Correlation-ID`` values (every one the request carried, in order): the single valid value,
-    else a new UUIDv7, the refusal logged.
+Generator = Callable[[], str]
+Validator = Callable[[str], bool]
 
-    The effective ID is written into ``scope["headers"]`` (refused values removed) and
-    ``scope["state"]``, so inner layers, handlers and tracers all see the same value.
+
+class CorrelationIds:
+    """Where the correlation ID travels and what it may be; checked at construction.
+
+    ``header`` is an RFC 9110 token (default ``X-Correlation-ID``). ``generator`` returns a new
+    ID (default :func:`uuid7`); ``validator`` says whether a client's value may be used (default:
+    the rule of the module doc). A generator's sample ID must pass the validator — otherwise an ID
+    this service hands out would be refused when a client or a peer sends it back.
     """
-    if len(client_values) == 1 and _VALID.fullmatch(client_values[0]):
-        correlation_id = client_values[0].decode("ascii")
-        header = (HEADER_KEY, client_values[0])
-    else:
-        correlation_id = uuid7()
-        header = (HEADER_KEY, correlation_id.encode("ascii"))
-        if client_values:
-            logger.warning(
-                "client correlation ID refused; generated %s",
-                correlation_id,
-                extra={
-                    "correlation_id": correlation_id,
-                    "refused_values": [escape_for_log(value) for value in client_values[:4]],
-                    "refused_count": len(client_values),
-                },
-            )
-            scope["headers"] = [(name, value) for name, value in scope["headers"] if name.lower() != HEADER_KEY]
-            scope["headers"].append(header)
+
+    __slots__ = ("_accepts", "_custom_generator", "_generate", "header", "key")
+
+    def __init__(
+        self, header: str = HEADER, *, generator: Generator | None = None, validator: Validator | None = None
+    ) -> None:
+        header = header.strip() if isinstance(header, str) else header
+        if not isinstance(header, str) or not _TOKEN.fullmatch(header):
+            raise ValueError(f"correlation header {header!r} is not a header name (RFC 9110 §5.6.2: a token)")
+        if generator is not None and not callable(generator):
+            raise TypeError("the correlation ID generator must be a callable returning a str")
+        if validator is not None and not callable(validator):
+            raise TypeError("the correlation ID validator must be a callable taking a str and returning a bool")
+        self.header = header
+        self.key = header.lower().encode("ascii")
+        self._generate: Generator = generator or uuid7
+        self._custom_generator = generator is not None
+        self._accepts: Callable[[bytes], object] = _VALID.fullmatch if validator is None else _narrowed(validator)
+        if generator is not None:
+            sample = generator()
+            raw = sample.encode("ascii") if isinstance(sample, str) and sample.isascii() else b""
+            if not isinstance(sample, str) or not _HEADER_SAFE.fullmatch(raw):
+                raise ValueError(
+                    f"the correlation ID generator returned {sample!r}: IDs must be 1-{MAX_CUSTOM_LENGTH} "
+                    "visible ASCII characters"
+                )
+            if not self._accepts(raw):
+                raise ValueError(f"the correlation ID generator's {sample!r} is refused by the validator")
+
+    def mint(self) -> tuple[str, bytes]:
+        """A new ID and its header bytes. A custom generator's ID that is not header-safe (it
+        passed at start-up) is replaced by a UUIDv7 and logged: the response must still go out."""
+        if not self._custom_generator:
+            value = uuid7()
+            return value, value.encode("ascii")
+        return self._mint_custom()
+
+    def _mint_custom(self) -> tuple[str, bytes]:
+        try:
+            value = self._generate()
+            raw = value.encode("ascii")
+            if _HEADER_SAFE.fullmatch(raw):
+                return value, raw
+        except Exception:
+            logger.exception("correlation ID generator failed; a UUIDv7 is used instead")
         else:
-            scope["headers"] = [*scope["headers"], header]
-    state = scope.get("state")
-    if state is None:
-        scope["state"] = {STATE_KEY: correlation_id}
-    else:
-        state[STATE_KEY] = correlation_id
-    return correlation_id, header
+            logger.error("correlation ID generator returned an unusable ID; a UUIDv7 is used instead")
+        value = uuid7()
+        return value, value.encode("ascii")
+
+    def accept_or_mint(self, scope: Scope, client_values: Sequence[bytes]) -> tuple[str, tuple[bytes, bytes]]:
+        """The request's correlation ID and its response header, from the client's values of
+        :attr:`header` (every one the request carried, in order): the single valid value, else a
+        new ID, the refusal logged.
+
+        The effective ID is written into ``scope["headers"]`` (refused values removed) and
+        ``scope["state"]``, so inner layers, handlers and tracers all see the same value.
+        """
+        key = self.key
+        if len(client_values) == 1 and self._accepts(client_values[0]):
+            correlation_id = client_values[0].decode("ascii")
+            header = (key, client_values[0])
+        else:
+            if self._custom_generator:
+                correlation_id, raw = self._mint_custom()
+            else:  # mint() inlined: this is every request that brings no ID
+                correlation_id = uuid7()
+                raw = correlation_id.encode("ascii")
+            header = (key, raw)
+            if client_values:
+                logger.warning(
+                    "client correlation ID refused; generated %s",
+                    correlation_id,
+                    extra={
+                        "correlation_id": correlation_id,
+                        "refused_values": [escape_for_log(value) for value in client_values[:4]],
+                        "refused_count": len(client_values),
+                    },
+                )
+                scope["headers"] = [(name, value) for name, value in scope["headers"] if name.lower() != key]
+                scope["headers"].append(header)
+            else:
+                scope["headers"] = [*scope["headers"], header]
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = {STATE_KEY: correlation_id}
+        else:
+            state[STATE_KEY] = correlation_id
+        return correlation_id, header
+
+
+def _narrowed(validator: Validator) -> Callable[[bytes], bool]:
+    """``validator`` behind the header-safe baseline; a validator that raises refuses the value."""
+
+    def accepts(raw: bytes) -> bool:
+        if not _HEADER_SAFE.fullmatch(raw):
+            return False
+        try:
+            return bool(validator(raw.decode("ascii")))
+        except Exception:
+            logger.exception("correlation ID validator failed; the client's value is refused")
+            return False
+
+    return accepts
+
+
+#: The defaults: ``X-Correlation-ID``, UUIDv7, the module doc's rule.
+DEFAULT_IDS = CorrelationIds()
+
+
+def accept_or_mint(scope: Scope, client_values: Sequence[bytes]) -> tuple[str, tuple[bytes, bytes]]:
+    """:meth:`CorrelationIds.accept_or_mint` with the defaults (``X-Correlation-ID``, UUIDv7)."""
+    return DEFAULT_IDS.accept_or_mint(scope, client_values)
 
 
 def log_access(scope: Scope, status: int, started: float) -> None:
@@ -171,19 +272,36 @@ def log_access(scope: Scope, status: int, started: float) -> None:
 
 
 class CorrelationIdMiddleware:
-    """Pure-ASGI layer: accept or mint the ID, bind it, echo it, and write the access-log line."""
+    """Pure-ASGI layer: accept or mint the ID, bind it, echo it, and write the access-log line.
 
-    def __init__(self, app: ASGIApp, *, access_log: bool = True) -> None:
+    ``header``, ``generator`` and ``validator`` are :class:`CorrelationIds`' (defaults: the
+    ``X-Correlation-ID`` header, UUIDv7, the module doc's rule); error bodies carry the ID as
+    ``correlation_id`` whatever the header is called.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        header: str = HEADER,
+        generator: Generator | None = None,
+        validator: Validator | None = None,
+        access_log: bool = True,
+    ) -> None:
         self.app = app
         self.access_log = access_log
+        self.ids = CorrelationIds(header, generator=generator, validator=validator)
+        self.header = self.ids.header
+        self.header_key = self.ids.key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
         if scope_type not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        client_values = [value for name, value in scope["headers"] if name.lower() == HEADER_KEY]
-        correlation_id, header = accept_or_mint(scope, client_values)
+        header_key = self.header_key
+        client_values = [value for name, value in scope["headers"] if name.lower() == header_key]
+        correlation_id, header = self.ids.accept_or_mint(scope, client_values)
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -191,8 +309,8 @@ class CorrelationIdMiddleware:
             message_type = message["type"]
             if message_type in RESPONSE_START_TYPES or message_type == "websocket.accept":
                 headers = message.get("headers") or ()
-                if any(name.lower() == HEADER_KEY for name, _ in headers):  # set, never append
-                    headers = [h for h in headers if h[0].lower() != HEADER_KEY]
+                if any(name.lower() == header_key for name, _ in headers):  # set, never append
+                    headers = [h for h in headers if h[0].lower() != header_key]
                 message["headers"] = [*headers, header]
                 status = message.get("status", 101)
             elif message_type == "websocket.close" and not status:
@@ -213,31 +331,36 @@ class CorrelationIdMiddleware:
 # -- outgoing calls -------------------------------------------------------------------------
 
 
-def correlation_headers() -> dict[str, str]:
-    """``{"X-Correlation-ID": id}`` for the current request, or ``{}`` outside one."""
+def correlation_headers(header: str = HEADER) -> dict[str, str]:
+    """``{header: id}`` for the current request, or ``{}`` outside one (``header``: the configured one)."""
     correlation_id = correlation_id_var.get()
-    return {HEADER: correlation_id} if correlation_id else {}
+    return {header: correlation_id} if correlation_id else {}
 
 
-def _set_header(request: httpx.Request) -> None:
-    correlation_id = correlation_id_var.get()
-    if correlation_id and HEADER not in request.headers:
-        request.headers[HEADER] = correlation_id
+def _header_setter(header: str) -> Callable[[httpx.Request], None]:
+    def set_header(request: httpx.Request) -> None:
+        correlation_id = correlation_id_var.get()
+        if correlation_id and header not in request.headers:
+            request.headers[header] = correlation_id
+
+    return set_header
 
 
-async def _set_header_async(request: httpx.Request) -> None:
-    _set_header(request)
-
-
-def propagate_correlation_id(client: httpx.Client | httpx.AsyncClient) -> Any:
-    """Make ``client`` send the current correlation ID on every request (unless one is set).
+def propagate_correlation_id(client: httpx.Client | httpx.AsyncClient, header: str = HEADER) -> Any:
+    """Make ``client`` send the current correlation ID on every request (unless one is set), in
+    ``header`` (pass the configured correlation header when it is not ``X-Correlation-ID``).
 
     Adds a request event hook, so the ID is read when each request is sent — the same
     long-lived client serves every request of the service. Returns the client.
     """
     import httpx
 
-    hook: Any = _set_header_async if isinstance(client, httpx.AsyncClient) else _set_header
+    set_header = _header_setter(header)
+
+    async def set_header_async(request: httpx.Request) -> None:
+        set_header(request)
+
+    hook: Any = set_header_async if isinstance(client, httpx.AsyncClient) else set_header
     hooks = client.event_hooks
     hooks["request"] = [*hooks.get("request", []), hook]
     client.event_hooks = hooks

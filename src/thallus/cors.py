@@ -14,17 +14,27 @@
 
 Origins compare exactly after lower-casing: ``https://app.example.com.evil.com`` and
 ``https://evilapp.example.com`` never match ``https://app.example.com``; ``null`` never matches.
+A pattern ``https://*.example.com`` allows one more label in place of ``*``
+(:class:`~thallus.origins.OriginMatcher`, the same rule CSRF trusts by); an origin it allows is
+echoed as sent, never ``*``.
+
+The method and exposed-header lists are options (``allow_methods``, ``expose_headers``), checked at
+construction: RFC 9110 tokens, no ``*`` (with credentials it is a literal name, Fetch §3.2.3), no
+method a browser never sends (Fetch's forbidden methods) and no ``Set-Cookie`` (never exposed).
+The correlation header allowed and exposed by default is the configured one (``correlation_header``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 
 from thallus._asgi import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from thallus.audit import AuditEvent, AuditSink, request_fields
+from thallus.correlation import HEADER as CORRELATION_HEADER
 from thallus.errors import send_error
-from thallus.origins import parse_origins
+from thallus.origins import OriginMatcher, parse_origins
 
 logger = logging.getLogger("thallus.cors")
 
@@ -37,6 +47,14 @@ EXPOSED_HEADERS = ("X-Correlation-ID", "Retry-After", "RateLimit", "RateLimit-Po
 #: CORS-safelisted request headers (Fetch §4.4) may be requested without being listed.
 SAFELISTED_HEADERS = frozenset({"accept", "accept-language", "content-language", "content-type"})
 DEFAULT_MAX_AGE = 600
+#: Methods a browser never sends (Fetch §2.2.1 "forbidden method"): listing one is a mistake.
+FORBIDDEN_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
+#: Response headers a browser never exposes to a page (Fetch "forbidden response-header name").
+FORBIDDEN_EXPOSED = frozenset({"set-cookie", "set-cookie2"})
+#: Pattern-allowed origins whose response headers :class:`HeadersByOrigin` keeps rendered, at most.
+PATTERN_ORIGIN_CACHE_SIZE = 1024
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2
 
 _VARY = b"vary"
 _VARY_ORIGIN = (_VARY, b"Origin")
@@ -48,6 +66,68 @@ def _truncate(value: str) -> str:
     return value if len(value) <= _MAX_REPORTED else value[:_MAX_REPORTED] + "…"
 
 
+def _header_names(values: Iterable[str], what: str) -> tuple[str, ...]:
+    """Header names as given (order kept, case-insensitive duplicates dropped), each a token."""
+    names: dict[str, str] = {}
+    for value in values:
+        name = value.strip()
+        if name == "*":
+            raise ValueError(f"{what}: '*' is a literal name with credentials (Fetch); list the headers")
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"{what}: {name!r} is not a header name (RFC 9110 §5.6.2: a token)")
+        names.setdefault(name.lower(), name)
+    return tuple(names.values())
+
+
+def allowed_methods(values: Iterable[str]) -> tuple[str, ...]:
+    """``allow_methods`` checked: upper-cased tokens, duplicates dropped, at least one, never
+    ``*`` (void with credentials) nor a forbidden method."""
+    methods = tuple(dict.fromkeys(value.strip().upper() for value in values))
+    if not methods:
+        raise ValueError("allow_methods: list at least one method")
+    for method in methods:
+        if method == "*":
+            raise ValueError("allow_methods: '*' is not allowed with credentials (Fetch); list the methods")
+        if not _TOKEN.fullmatch(method):
+            raise ValueError(f"allow_methods: {method!r} is not a method (RFC 9110 §9.1: a token)")
+        if method in FORBIDDEN_METHODS:
+            raise ValueError(f"allow_methods: browsers never send {method} (a Fetch forbidden method)")
+    return methods
+
+
+def exposed_headers(values: Iterable[str], correlation_header: str = CORRELATION_HEADER) -> tuple[str, ...]:
+    """``expose_headers`` checked; the default list names ``correlation_header`` for
+    ``X-Correlation-ID``. An explicit list is used as given."""
+    values = tuple(values)
+    if values == EXPOSED_HEADERS:
+        values = tuple(correlation_header if name == CORRELATION_HEADER else name for name in values)
+    names = _header_names(values, "expose_headers")
+    for name in names:
+        if name.lower() in FORBIDDEN_EXPOSED:
+            raise ValueError(f"expose_headers: browsers never expose {name} to a page (Fetch)")
+    return names
+
+
+class HeadersByOrigin(dict[bytes | None, tuple[tuple[bytes, bytes], ...]]):
+    """The CORS headers of an actual response followed by ``tail``, by allowed origin: rendered at
+    construction for the exact origins and ``None`` (not allowed), and on first use for an origin
+    a pattern allowed (at most :data:`PATTERN_ORIGIN_CACHE_SIZE` kept: the label is the client's)."""
+
+    def __init__(self, cors: CORSMiddleware, tail: tuple[tuple[bytes, bytes], ...]) -> None:
+        super().__init__(
+            (origin, (*cors.actual_headers(origin), *tail)) for origin in (None, *cors.allowed_origin_values())
+        )
+        self._cors = cors
+        self._tail = tail
+        self._limit = len(self) + PATTERN_ORIGIN_CACHE_SIZE
+
+    def __missing__(self, origin: bytes | None) -> tuple[tuple[bytes, bytes], ...]:
+        headers = (*self._cors.actual_headers(origin), *self._tail)
+        if len(self) < self._limit:
+            self[origin] = headers
+        return headers
+
+
 class CORSMiddleware:
     """Pure-ASGI CORS layer; all header lists are rendered to bytes at construction."""
 
@@ -56,26 +136,40 @@ class CORSMiddleware:
         app: ASGIApp,
         allowed_origins: Sequence[str],
         *,
+        allow_methods: Iterable[str] = ALLOWED_METHODS,
+        expose_headers: Iterable[str] = EXPOSED_HEADERS,
         extra_allowed_headers: Iterable[str] = (),
+        correlation_header: str = CORRELATION_HEADER,
         max_age: int = DEFAULT_MAX_AGE,
         audit: AuditSink | None = None,
     ) -> None:
+        """``allowed_origins`` may hold ``https://*.example.com`` patterns (module doc); every list
+        is checked here, so a bad one fails at start-up (``ValueError``)."""
         self.app = app
         self.audit = audit
-        origins = parse_origins(list(allowed_origins))
+        origins = parse_origins(list(allowed_origins), patterns=True)
         self.allowed_origins = origins
-        self._origins: dict[bytes, bytes] = {origin.encode(): origin.encode() for origin in origins}
-        header_names = tuple(dict.fromkeys((*ALLOWED_HEADERS, *extra_allowed_headers)))
+        self.matcher = OriginMatcher(origins)
+        self._origins: dict[bytes, bytes] = {
+            origin.encode(): origin.encode() for origin in origins if origin in self.matcher.exact
+        }
+        self._has_patterns = bool(self.matcher.patterns)
+        (correlation,) = _header_names((correlation_header,), "correlation_header")
+        defaults = (correlation if name == CORRELATION_HEADER else name for name in ALLOWED_HEADERS)
+        header_names = _header_names((*defaults, *extra_allowed_headers), "extra_allowed_headers")
         self.allowed_headers = header_names
         self._allowed_header_keys = frozenset(name.lower() for name in header_names) | SAFELISTED_HEADERS
-        self._allowed_methods = frozenset(ALLOWED_METHODS)
-        self._actual_headers: tuple[tuple[bytes, bytes], ...] = (
-            (b"access-control-allow-credentials", b"true"),
-            (b"access-control-expose-headers", ", ".join(EXPOSED_HEADERS).encode()),
-        )
+        methods = allowed_methods(allow_methods)
+        self.allow_methods = methods
+        self._allowed_methods = frozenset(methods)
+        self.expose_headers = exposed_headers(expose_headers, correlation)
+        actual: list[tuple[bytes, bytes]] = [(b"access-control-allow-credentials", b"true")]
+        if self.expose_headers:
+            actual.append((b"access-control-expose-headers", ", ".join(self.expose_headers).encode()))
+        self._actual_headers: tuple[tuple[bytes, bytes], ...] = tuple(actual)
         preflight: list[tuple[bytes, bytes]] = [
             (b"access-control-allow-credentials", b"true"),
-            (b"access-control-allow-methods", ", ".join(ALLOWED_METHODS).encode()),
+            (b"access-control-allow-methods", ", ".join(methods).encode()),
             (b"access-control-allow-headers", ", ".join(header_names).encode()),
         ]
         if max_age > 0:
@@ -83,12 +177,24 @@ class CORSMiddleware:
         self._preflight_headers = tuple(preflight)
 
     def allowed_origin_values(self) -> tuple[bytes, ...]:
-        """Every allowlisted origin, as the bytes :meth:`allowed_origin` returns."""
+        """Every exact allowlisted origin, as the bytes :meth:`allowed_origin` returns (an origin
+        a pattern allows is returned as sent, so it cannot be listed here)."""
         return tuple(self._origins.values())
 
     def allowed_origin(self, origin: bytes) -> bytes | None:
-        """The canonical allowlisted origin equal to a request's ``Origin`` value, if any."""
-        return self._origins.get(origin.lower())
+        """What ``Access-Control-Allow-Origin`` carries for a request's ``Origin`` value: the
+        canonical allowlisted origin equal to it, else — when a pattern allows it — the value itself
+        (lower case, as browsers send it), else ``None``. Patterns are tried only when the exact
+        look-up misses."""
+        key = origin.lower()
+        allowed = self._origins.get(key)
+        if allowed is None and self._has_patterns and self.matcher.matches_pattern_bytes(key):
+            return key
+        return allowed
+
+    def headers_by_origin(self, tail: tuple[tuple[bytes, bytes], ...]) -> HeadersByOrigin:
+        """:meth:`actual_headers` then ``tail``, by :meth:`allowed_origin`'s answer, precomputed."""
+        return HeadersByOrigin(self, tail)
 
     def actual_headers(self, allowed: bytes | None) -> tuple[tuple[bytes, bytes], ...]:
         """The headers of an actual (non-preflight) response to a request from ``allowed``."""

@@ -18,23 +18,33 @@ API key for it (:func:`mark_api_key_authenticated`). A checked request **passes*
    present but not ``same-origin``/``none`` *is* evidence — of a browser — so without ``Origin`` or
    ``Referer`` that request is refused in every environment.
 
-Trusted origins come from configuration, never from the ``Host`` header. Headers sent more than
-once are joined (``a, b``), which can never equal a trusted origin or ``same-origin``: fail closed.
-WebSocket handshakes carrying cookies are checked the same way (cross-site WebSocket hijacking:
-browsers send cookies and CORS never applies) and refused before they are accepted.
+Trusted origins come from configuration, never from the ``Host`` header; a pattern
+``https://*.example.com`` trusts exactly the origins it lets through CORS
+(:class:`~thallus.origins.OriginMatcher`). Headers sent more than once are joined (``a, b``),
+which can never equal a trusted origin or ``same-origin``: fail closed. WebSocket handshakes
+carrying cookies are checked the same way (cross-site WebSocket hijacking: browsers send cookies
+and CORS never applies) and refused before they are accepted.
+
+**Exempt paths** (``exempt_paths``) are never checked: a webhook that authenticates its sender
+by its own signature and receives no browser traffic. The match is exact — ``scope["path"]``
+equal to a listed path, no prefix, no pattern — the narrow end of Go's
+``CrossOriginProtection.AddInsecureBypassPattern``: an exemption can never grow to cover a route
+added later under the same prefix.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from thallus._asgi import ASGIApp, Receive, Scope, Send, scope_state
 from thallus.audit import AuditEvent, AuditSink, request_fields
 from thallus.errors import JSON_CONTENT_TYPE, error_body, send_error
-from thallus.origins import origin_of_url, parse_origins, request_origin_key
+from thallus.origins import OriginMatcher, origin_of_url, parse_origins, request_origin_key
 
 logger = logging.getLogger("thallus.csrf")
 
@@ -52,6 +62,7 @@ API_KEY_AUTHENTICATED_STATE_KEY = "thallus_api_key_authenticated"
 EXEMPT_SAFE_METHOD = "safe method"
 EXEMPT_NO_COOKIES = "no cookies"
 EXEMPT_API_KEY = "authenticated by API key"
+EXEMPT_PATH = "exempt path"
 PASS_FETCH_METADATA = "Sec-Fetch-Site is same-origin or none"
 PASS_TRUSTED_ORIGIN = "Origin is trusted"
 PASS_TRUSTED_REFERER = "Referer is trusted"
@@ -81,6 +92,7 @@ _VERDICTS = {
         (True, EXEMPT_SAFE_METHOD, False),
         (True, EXEMPT_NO_COOKIES, False),
         (True, EXEMPT_API_KEY, False),
+        (True, EXEMPT_PATH, False),
         (True, PASS_FETCH_METADATA, True),
         (True, PASS_TRUSTED_ORIGIN, True),
         (True, PASS_TRUSTED_REFERER, True),
@@ -94,6 +106,16 @@ _VERDICTS = {
 }
 
 
+#: What :func:`csrf_verdict` trusts: an :class:`OriginMatcher`, or canonical origins (patterns
+#: included) from which one is made and remembered.
+TrustedOrigins: TypeAlias = OriginMatcher | frozenset[str]
+
+
+@functools.lru_cache(maxsize=32)
+def _matcher_of(origins: frozenset[str]) -> OriginMatcher:
+    return OriginMatcher(origins)
+
+
 def csrf_verdict(
     method: str,
     *,
@@ -103,9 +125,12 @@ def csrf_verdict(
     origin: str | None,
     referer: str | None,
     environment: Environment,
-    trusted_origins: frozenset[str],
+    trusted_origins: TrustedOrigins,
 ) -> CsrfVerdict:
-    """Decide one request (module doc, rules 1–4). ``trusted_origins`` are canonical (lower-case)."""
+    """Decide one request (module doc, rules 1–4). ``trusted_origins`` are canonical (lower-case):
+    an :class:`OriginMatcher`, or a frozenset of canonical origins and patterns."""
+    if not isinstance(trusted_origins, OriginMatcher):
+        trusted_origins = _matcher_of(frozenset(trusted_origins))  # a frozenset: itself, no copy
     verdicts = _VERDICTS
     if method in SAFE_METHODS:
         return verdicts[EXEMPT_SAFE_METHOD]
@@ -129,7 +154,7 @@ def csrf_verdict(
 
 
 def login_csrf_verdict(
-    *, sec_fetch_site: str | None, origin: str | None, referer: str | None, trusted_origins: frozenset[str]
+    *, sec_fetch_site: str | None, origin: str | None, referer: str | None, trusted_origins: TrustedOrigins
 ) -> CsrfVerdict:
     """Login CSRF (§5): a login or registration carries no session cookie yet, so the cookie rule
     never applies; instead, a request whose headers say it is cross-origin must name a trusted
@@ -170,8 +195,38 @@ def _joined(values: Sequence[bytes] | None) -> str | None:
     return values[0].decode("latin-1") if len(values) == 1 else b", ".join(values).decode("latin-1")
 
 
+#: What a refusal hook returns: an ASGI application that answers the refused request (a Starlette
+#: ``Response`` is one), or ``None`` for the default JSON 403.
+RefusalResponse: TypeAlias = ASGIApp | None
+#: ``on_refusal(scope, reason)``, sync or async; ``reason`` is one of the ``REJECT_*`` constants.
+RefusalHook: TypeAlias = Callable[[Scope, str], RefusalResponse | Awaitable[RefusalResponse]]
+
+
+def exempt_path_set(paths: Iterable[str]) -> frozenset[str]:
+    """``exempt_paths`` checked: each an exact path, starting with ``/``, with no wildcard,
+    query or fragment (the match is exact, so one of those could never match what it means)."""
+    checked = []
+    for path in paths:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"exempt_paths: {path!r} must start with '/'")
+        if any(char in path for char in "*?#"):
+            raise ValueError(f"exempt_paths: {path!r}: exact paths only (no wildcard, query or fragment)")
+        checked.append(path)
+    return frozenset(checked)
+
+
 class CSRFMiddleware:
-    """Pure-ASGI wrapper around :func:`csrf_verdict`; refusals are JSON 403 ``CSRFError``."""
+    """Pure-ASGI wrapper around :func:`csrf_verdict`; refusals are JSON 403 ``CSRFError``.
+
+    ``trusted_origins`` may hold ``https://*.example.com`` patterns; ``exempt_paths`` are exact
+    paths never checked (module doc). ``on_refusal(scope, reason)`` — a function or a coroutine
+    function — may answer a refused HTTP request itself: it returns an ASGI application (a Starlette
+    ``Response``, say), which is called with the request, or ``None`` for the default §8 JSON 403.
+    The refusal is logged and audited first either way, and the application is never reached.
+    Under :func:`~thallus.protect` the error boundary still turns an error status that is not JSON
+    into the §8 shape (every error is JSON there): return JSON for a 4xx, or e.g. a redirect.
+    WebSocket handshakes always get the standard denial (the hook is not called for them).
+    """
 
     def __init__(
         self,
@@ -179,11 +234,17 @@ class CSRFMiddleware:
         trusted_origins: Iterable[str],
         *,
         environment: Environment = "production",
+        exempt_paths: Iterable[str] = (),
+        on_refusal: RefusalHook | None = None,
         audit: AuditSink | None = None,
     ) -> None:
+        if on_refusal is not None and not callable(on_refusal):
+            raise TypeError("on_refusal must be a callable taking (scope, reason)")
         self.app = app
-        self.trusted_origins = frozenset(parse_origins(list(trusted_origins)))
+        self.trusted_origins = OriginMatcher(parse_origins(list(trusted_origins), patterns=True))
         self.environment: Environment = environment
+        self.exempt_paths = exempt_path_set(exempt_paths)
+        self.on_refusal = on_refusal
         self.audit = audit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -205,6 +266,8 @@ class CSRFMiddleware:
             await self.refuse(scope, receive, send, method, verdict)
 
     def verdict(self, scope: Scope, method: str) -> CsrfVerdict:
+        if self.exempt_paths and scope.get("path") in self.exempt_paths:
+            return _VERDICTS[EXEMPT_PATH]
         evidence: dict[bytes, list[bytes]] = {}
         for name, value in scope["headers"]:
             key = name.lower()
@@ -213,9 +276,16 @@ class CSRFMiddleware:
         return self.verdict_from(method, evidence, scope.get("state"))
 
     def verdict_from(
-        self, method: str, evidence: Mapping[bytes, Sequence[bytes]], state: Mapping[str, object] | None
+        self,
+        method: str,
+        evidence: Mapping[bytes, Sequence[bytes]],
+        state: Mapping[str, object] | None,
+        path: str | None = None,
     ) -> CsrfVerdict:
-        """The verdict from ``evidence``: the request's values of :data:`EVIDENCE_HEADERS`, by name."""
+        """The verdict from ``evidence``: the request's values of :data:`EVIDENCE_HEADERS`, by name;
+        ``path`` (the scope's) is exempt when listed in :attr:`exempt_paths`."""
+        if path is not None and self.exempt_paths and path in self.exempt_paths:
+            return _VERDICTS[EXEMPT_PATH]
         has_cookies = False
         for value in evidence.get(b"cookie", ()):
             if has_cookie(value.decode("latin-1")):
@@ -249,6 +319,13 @@ class CSRFMiddleware:
             )
         message = "Cross-site request refused: " + verdict.reason + "."
         if scope["type"] == "http":
+            if self.on_refusal is not None:
+                response = self.on_refusal(scope, verdict.reason)
+                if inspect.isawaitable(response):
+                    response = await response
+                if response is not None:
+                    await response(scope, receive, send)
+                    return
             await send_error(send, 403, error="CSRFError", message=message, details=details)
         else:
             await _deny_websocket(scope, receive, send, error_body("CSRFError", message, details))

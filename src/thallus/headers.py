@@ -178,6 +178,8 @@ _ISOLATION_VALUES = {
         {"same-origin", "same-origin-allow-popups", "noopener-allow-popups", "unsafe-none"}
     ),
     "cross_origin_resource_policy": frozenset({"same-origin", "same-site", "cross-origin"}),
+    # HTML §7.1.4 (COEP): opt-in, since require-corp/credentialless block cross-origin embeds lacking CORP/CORS
+    "cross_origin_embedder_policy": frozenset({"require-corp", "credentialless", "unsafe-none"}),
     "x_permitted_cross_domain_policies": frozenset({"none", "master-only", "by-content-type", "all"}),
 }
 _OFF = ("", "off")
@@ -192,12 +194,26 @@ def validate_referrer_policy(value: str) -> str:
     return ", ".join(tokens)
 
 
+#: ``X-Frame-Options`` values (RFC 7034 §2.1; ``ALLOW-FROM`` is obsolete and ignored by browsers).
+FRAME_OPTIONS = ("DENY", "SAMEORIGIN")
+
+
+def validate_frame_options(value: str) -> str:
+    """``DENY`` or ``SAMEORIGIN`` (any case), upper-cased."""
+    normalised = value.strip().upper()
+    if normalised not in FRAME_OPTIONS:
+        raise ValueError(f"{value!r} is not DENY or SAMEORIGIN (X-Frame-Options, RFC 7034)")
+    return normalised
+
+
 def validate_isolation_value(setting: str, value: str) -> str:
-    """COOP/CORP/X-Permitted-Cross-Domain-Policies value, or ``off`` (or empty) to omit the header."""
+    """COOP/COEP/CORP/X-Permitted-Cross-Domain-Policies value, or ``off`` (or empty) to omit the header."""
     value = value.strip().lower()
     if value in _OFF:
         return ""
-    allowed = _ISOLATION_VALUES[setting]
+    allowed = _ISOLATION_VALUES.get(setting)
+    if allowed is None:
+        raise ValueError(f"{setting!r} is not an isolation header setting")
     if value not in allowed:
         raise ValueError(f"{value!r} is not one of {', '.join(sorted(allowed))} or off")
     return value
@@ -255,6 +271,7 @@ class HeaderPolicy:
         *,
         hsts: str | None = None,
         xss_protection: str = "1; mode=block",
+        x_frame_options: str = "DENY",
         referrer_policy: str = "strict-origin-when-cross-origin",
         permissions_policy: str | None = None,
         csp: ContentSecurityPolicy | None = None,
@@ -262,16 +279,32 @@ class HeaderPolicy:
         csp_report_uri: str | None = None,
         cross_origin_opener_policy: str = "same-origin",
         cross_origin_resource_policy: str = "same-site",
+        cross_origin_embedder_policy: str | None = None,
         x_permitted_cross_domain_policies: str = "none",
         no_store_paths: Sequence[str] = (),
     ) -> HeaderPolicy:
-        """Render a policy; ``None`` or ``""`` for an optional header leaves it out."""
+        """Render a policy; ``None`` or ``""`` for an optional header leaves it out.
+
+        ``x_frame_options`` is ``DENY`` or ``SAMEORIGIN``; with ``SAMEORIGIN`` a CSP whose
+        ``frame-ancestors`` is the baseline ``'none'`` gets ``'self'`` instead, so the two headers
+        say the same (browsers that know CSP obey ``frame-ancestors`` and ignore
+        ``X-Frame-Options``: CSP Level 3 §6.4.2). Cross-Origin-Embedder-Policy is sent only when
+        given (``require-corp`` or ``credentialless``), since it blocks cross-origin embeds that
+        carry no CORP or CORS.
+        """
+        x_frame_options = validate_frame_options(x_frame_options)
+        if cross_origin_embedder_policy:
+            cross_origin_embedder_policy = validate_isolation_value(
+                "cross_origin_embedder_policy", cross_origin_embedder_policy
+            )
+        if csp is not None and x_frame_options == "SAMEORIGIN" and csp.directives.get("frame-ancestors") == ("'none'",):
+            csp = ContentSecurityPolicy({**csp.directives, "frame-ancestors": ("'self'",)})
         csp_header = CSP_REPORT_ONLY_HEADER if csp_report_only else CSP_HEADER
         if permissions_policy is None:
             permissions_policy = build_permissions_policy()
         values: list[tuple[str, str | None]] = [
             ("x-content-type-options", "nosniff"),
-            ("x-frame-options", "DENY"),
+            ("x-frame-options", x_frame_options),
             ("x-xss-protection", xss_protection),
             ("referrer-policy", validate_referrer_policy(referrer_policy)),
             ("strict-transport-security", hsts),
@@ -279,6 +312,7 @@ class HeaderPolicy:
             (csp_header.decode(), csp.render(csp_report_uri) if csp else None),
             ("reporting-endpoints", f'{CSP_REPORT_GROUP}="{csp_report_uri}"' if csp and csp_report_uri else None),
             ("cross-origin-opener-policy", cross_origin_opener_policy),
+            ("cross-origin-embedder-policy", cross_origin_embedder_policy),
             ("cross-origin-resource-policy", cross_origin_resource_policy),
             ("x-permitted-cross-domain-policies", x_permitted_cross_domain_policies),
         ]
@@ -296,6 +330,7 @@ class HeaderPolicy:
             if settings.hsts_enabled
             else None,
             xss_protection=settings.xss_protection,
+            x_frame_options=settings.x_frame_options,
             referrer_policy=settings.referrer_policy,
             permissions_policy=settings.permissions_policy,
             csp=csp,
@@ -303,6 +338,7 @@ class HeaderPolicy:
             csp_report_uri=settings.csp_report_uri,
             cross_origin_opener_policy=settings.cross_origin_opener_policy,
             cross_origin_resource_policy=settings.cross_origin_resource_policy,
+            cross_origin_embedder_policy=settings.cross_origin_embedder_policy,
             x_permitted_cross_domain_policies=settings.x_permitted_cross_domain_policies,
             no_store_paths=settings.no_store_paths,
         )

@@ -15,7 +15,13 @@ Redis when ``THALLUS_REDIS_URL`` is set, so limits hold across every instance:
 * **Client address.** The peer address. The forwarding header named by ``THALLUS_PROXY_HEADER``
   (``X-Forwarded-For``, the default, or RFC 7239 ``Forwarded``; never both) counts only when the
   peer is a trusted proxy (``THALLUS_TRUSTED_PROXIES``); then the right-most hop that is not a
-  trusted proxy is the client. A malformed forwarding header is ignored, never an error.
+  trusted proxy is the client. A malformed forwarding header is ignored, never an error. A
+  request carrying ``X-Forwarded-For`` or ``Forwarded`` from a peer that is *not* trusted is
+  logged once per process (a warning naming the peer): behind an unlisted proxy every client has
+  the proxy's address, so they all share one limit — the usual cause of a 429 storm after deploying
+  behind a load balancer. Once that is said, a request pays nothing for it; before, one pass
+  over the header names as the server gives them (lower case, as ASGI servers send them; no
+  allocation).
 * **Client key.** Clients are counted per network: IPv4 per address (``THALLUS_RATE_LIMIT_IPV4_PREFIX``,
   32), IPv6 per /64 (``THALLUS_RATE_LIMIT_IPV6_PREFIX``, 64) — :func:`client_network`. Audit
   records keep the full address.
@@ -72,6 +78,10 @@ logger = logging.getLogger("thallus.ratelimit")
 
 CLIENT_IP_STATE_KEY = "client_ip"
 FAIL_OPEN_LOG_INTERVAL = 60.0
+#: The forwarding headers whose arrival from an untrusted peer is worth one warning.
+FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"forwarded"})
+#: Whether this process has warned about forwarding headers from an untrusted peer (once at most).
+_warned_untrusted_forwarding = False
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -293,6 +303,11 @@ class RateLimitMiddleware:
         else:  # client_ip's answer when no proxy is trusted: the peer
             client = scope.get("client")
             address = str(client[0]) if client and client[0] else "unknown"
+        if not _warned_untrusted_forwarding:
+            for name, _ in scope["headers"]:
+                if name in FORWARDING_HEADERS:
+                    self._check_forwarding(scope, address, name)
+                    break
         scope_state(scope)[CLIENT_IP_STATE_KEY] = address  # the full address, for audit records
         path: str = scope.get("path", "")
         if path in self.exempt_paths:
@@ -346,6 +361,33 @@ class RateLimitMiddleware:
             message=f"Too many requests; retry in {window} seconds.",
             details=details,
             headers=((b"retry-after", str(window).encode()), *headers),
+        )
+
+    def _check_forwarding(self, scope: Scope, address: str, header: bytes) -> None:
+        """Warn once per process that ``header`` came from a peer that is not a trusted proxy
+        (module doc). ``address`` is the client the limiter counts: when it is not the peer, a
+        trusted proxy's header was believed, and there is nothing to say."""
+        global _warned_untrusted_forwarding
+        client = scope.get("client")
+        peer = str(client[0]) if client and client[0] else None
+        if peer is None or address != peer:
+            return
+        found = header.decode("latin-1")
+        if self.trusted_proxies:
+            try:
+                if _is_trusted(peer, self.trusted_proxies):
+                    return  # a trusted proxy whose header was malformed or named only trusted hops
+            except ValueError:
+                pass  # not an IP address: never a trusted proxy
+        _warned_untrusted_forwarding = True
+        logger.warning(
+            "requests from %s carry %s, but %s is not a trusted proxy: the header is ignored and every "
+            "client behind it shares one rate limit; set THALLUS_TRUSTED_PROXIES to the proxy's address "
+            "(this is logged once)",
+            peer,
+            found,
+            peer,
+            extra={"rate_limit": {"peer": peer, "header": found}},
         )
 
     def _log_failure(self, exc: Exception) -> None:

@@ -43,7 +43,7 @@ from pydantic_settings import (
 
 from thallus import headers
 from thallus.correlation import HEADER as CORRELATION_HEADER
-from thallus.cors import ALLOWED_METHODS, EXPOSED_HEADERS
+from thallus.cors import ALLOWED_METHODS, EXPOSED_HEADERS, allowed_methods, exposed_headers
 from thallus.origins import InvalidOriginError, parse_origin, parse_origins
 
 Environment = Literal["development", "test", "production"]
@@ -243,7 +243,7 @@ class Settings(BaseSettings):
     def _parse_allowed_origins(cls, value: Any) -> Any:
         value = split_commas(value)
         if isinstance(value, (list, tuple)):
-            return parse_origins([str(item) for item in value])
+            return parse_origins([str(item) for item in value], patterns=True)
         return value
 
     @field_validator("public_origin", mode="before")
@@ -277,13 +277,13 @@ class Settings(BaseSettings):
     def _parse_methods(cls, value: Any) -> Any:
         value = split_commas(value)
         if isinstance(value, (list, tuple)):
-            methods = tuple(dict.fromkeys(str(method).upper() for method in value))
-            for method in methods:
-                if not _HEADER_NAME.fullmatch(method):
-                    raise ValueError(f"{method!r} is not a method (RFC 9110 §9.1: a token)")
-            if "*" in methods:
-                raise ValueError("'*' is not allowed: list the methods")
-            return methods
+            return _without_option_name(allowed_methods, [str(method) for method in value])
+        return value
+
+    @field_validator("cors_expose_headers")
+    @classmethod
+    def _check_exposed(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        _without_option_name(exposed_headers, value)
         return value
 
     @field_validator("x_frame_options", mode="before")
@@ -449,6 +449,15 @@ class Settings(BaseSettings):
     @property
     def hsts_enabled(self) -> bool:
         return self.env == "production" and self.hsts_max_age > 0
+
+
+def _without_option_name(check: Any, values: Any) -> Any:
+    """``check(values)``, its ValueError without the CORS layer's own option name (the problem's
+    line names the keyword or the variable instead)."""
+    try:
+        return check(values)
+    except ValueError as exc:
+        raise ValueError(str(exc).split(": ", 1)[-1]) from None
 
 
 def env_file_path() -> Path | None:

@@ -26,25 +26,22 @@ import logging
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar, overload
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar, cast, overload
 
 from thallus._asgi import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from thallus.audit import AuditSink
 from thallus.audit.middleware import AuditRequestMiddleware
 from thallus.bodies import CONTENT_LENGTH, BodyLimitMiddleware, LimitedBody, has_body, over_limit, too_large
 from thallus.correlation import (
-    HEADER_KEY as CORRELATION_HEADER,
-)
-from thallus.correlation import (
     CorrelationIdMiddleware,
-    accept_or_mint,
     access_logger,
     correlation_id_var,
     log_access,
 )
 from thallus.cors import CORSMiddleware, decorate
-from thallus.csrf import EVIDENCE_HEADERS, SAFE_METHODS, CSRFMiddleware
+from thallus.csrf import EVIDENCE_HEADERS, SAFE_METHODS, CSRFMiddleware, RefusalHook
 from thallus.errors import (
     ErrorBoundaryMiddleware,
     ResponseGuard,
@@ -60,6 +57,15 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
 
 Layer = Callable[[ASGIApp], ASGIApp]
+
+
+class AnyASGIApp(Protocol):
+    """Any ASGI 3 application, whatever its framework's own types for scope, receive and send
+    (Litestar's, Quart's and Django's are narrower than ``MutableMapping[str, Any]``)."""
+
+    def __call__(self, scope: Any, receive: Any, send: Any, /) -> Awaitable[None]: ...
+
+
 StarletteT = TypeVar("StarletteT", bound="Starlette")
 
 
@@ -71,27 +77,36 @@ def protect(
     inner: Sequence[Layer] = (),
     audit: AuditSink | None = None,
     rate_limit_storage: RateLimitStorage | None = None,
+    csrf_refusal: RefusalHook | None = None,
+    correlation_id_generator: Callable[[], str] | None = None,
+    correlation_id_validator: Callable[[str], bool] | None = None,
 ) -> StarletteT: ...
 
 
 @overload
 def protect(
-    app: ASGIApp,
+    app: AnyASGIApp,
     settings: Settings | None = None,
     *,
     inner: Sequence[Layer] = (),
     audit: AuditSink | None = None,
     rate_limit_storage: RateLimitStorage | None = None,
+    csrf_refusal: RefusalHook | None = None,
+    correlation_id_generator: Callable[[], str] | None = None,
+    correlation_id_validator: Callable[[str], bool] | None = None,
 ) -> ASGIApp: ...
 
 
 def protect(
-    app: ASGIApp,
+    app: AnyASGIApp,
     settings: Settings | None = None,
     *,
     inner: Sequence[Layer] = (),
     audit: AuditSink | None = None,
     rate_limit_storage: RateLimitStorage | None = None,
+    csrf_refusal: RefusalHook | None = None,
+    correlation_id_generator: Callable[[], str] | None = None,
+    correlation_id_validator: Callable[[str], bool] | None = None,
 ) -> ASGIApp:
     """Protect an ASGI application with the core layers configured by ``settings``.
 
@@ -109,16 +124,21 @@ def protect(
     configuration fails here, at start-up, not at the first request. ``audit`` receives
     ``csrf_rejected``, ``cors_rejected`` and ``rate_limited`` events; ``rate_limit_storage``
     (``create_storage``'s, or any ``limits`` async storage) defaults to memory, or Redis when
-    ``THALLUS_REDIS_URL`` is set. Protecting the same application twice is refused (ValueError).
+    ``THALLUS_REDIS_URL`` is set. ``csrf_refusal`` answers a CSRF refusal instead of the §8 403
+    (:data:`~thallus.csrf.RefusalHook`); ``correlation_id_generator`` mints correlation IDs and
+    ``correlation_id_validator`` decides which a client may send (defaults: UUIDv7, and the
+    ``[A-Za-z0-9][A-Za-z0-9._:-]{0,127}`` rule). Protecting the same application twice is refused
+    (ValueError).
     """
     settings = settings or Settings.load()
+    parts = _Parts(inner, audit, rate_limit_storage, csrf_refusal, correlation_id_generator, correlation_id_validator)
     if not _is_starlette(app):
-        return _compose(app, settings, inner=inner, audit=audit, rate_limit_storage=rate_limit_storage)
+        return _compose(cast(ASGIApp, app), settings, parts)
     if app in _installed:
         raise ValueError("protect() was already applied to this application")
     install_error_handlers(app)
     own_stack = _OwnStack(app.build_middleware_stack)
-    protected = _compose(own_stack, settings, inner=inner, audit=audit, rate_limit_storage=rate_limit_storage)
+    protected = _compose(own_stack, settings, parts)
     # Starlette builds its middleware stack on the first call, through this public method; ours
     # wraps what it builds. Reset a stack built already, so the next call goes through ours.
     app.build_middleware_stack = lambda: protected  # type: ignore[method-assign]
@@ -159,16 +179,29 @@ class _OwnStack:
 _installed: weakref.WeakKeyDictionary[Any, ProtectedApp] = weakref.WeakKeyDictionary()
 
 
-def _compose(
-    app: ASGIApp,
-    settings: Settings,
-    *,
-    inner: Sequence[Layer],
-    audit: AuditSink | None,
-    rate_limit_storage: RateLimitStorage | None,
-) -> ProtectedApp:
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """What :func:`protect` passes to its layers besides the settings (which hold only values)."""
+
+    inner: Sequence[Layer]
+    audit: AuditSink | None
+    rate_limit_storage: RateLimitStorage | None
+    csrf_refusal: RefusalHook | None
+    correlation_id_generator: Callable[[], str] | None
+    correlation_id_validator: Callable[[str], bool] | None
+
+
+def _compose(app: ASGIApp, settings: Settings, parts: _Parts) -> ProtectedApp:
     """The layers around ``app``, outermost first as the module docstring draws them."""
-    csrf = CSRFMiddleware(app, settings.trusted_origins, environment=settings.env, audit=audit)
+    inner, audit, rate_limit_storage = parts.inner, parts.audit, parts.rate_limit_storage
+    csrf = CSRFMiddleware(
+        app,
+        settings.trusted_origins,
+        environment=settings.env,
+        exempt_paths=settings.csrf_exempt_paths,
+        on_refusal=parts.csrf_refusal,
+        audit=audit,
+    )
     wrapped: ASGIApp = csrf
     for layer in reversed(inner):
         wrapped = layer(wrapped)
@@ -199,17 +232,30 @@ def _compose(
     cors = CORSMiddleware(
         request_audit or boundary,
         settings.origins,
+        allow_methods=settings.cors_allow_methods,
+        expose_headers=settings.cors_expose_headers,
         extra_allowed_headers=settings.cors_extra_headers,
+        correlation_header=settings.correlation_header,
         max_age=settings.cors_max_age,
         audit=audit,
     )
     headers = SecurityHeadersMiddleware(cors, HeaderPolicy.from_settings(settings))
     return ProtectedApp(
-        CorrelationIdMiddleware(headers), headers.policy, cors, boundary, csrf=csrf, request_audit=request_audit
+        CorrelationIdMiddleware(
+            headers,
+            header=settings.correlation_header,
+            generator=parts.correlation_id_generator,
+            validator=parts.correlation_id_validator,
+        ),
+        headers.policy,
+        cors,
+        boundary,
+        csrf=csrf,
+        request_audit=request_audit,
     )
 
 
-def _is_starlette(app: ASGIApp) -> TypeGuard[Starlette]:
+def _is_starlette(app: object) -> TypeGuard[Starlette]:
     """Whether ``app`` is a Starlette (or FastAPI) application; Starlette is not a dependency of the
     layers, so an application of it means it is installed."""
     starlette = sys.modules.get("starlette.applications")
@@ -217,9 +263,8 @@ def _is_starlette(app: ASGIApp) -> TypeGuard[Starlette]:
 
 
 #: The request headers the fast path reads, in its one pass over them.
-_READ_HEADERS = EVIDENCE_HEADERS | {CORRELATION_HEADER, b"access-control-request-method", CONTENT_LENGTH}
+_READ_HEADERS = EVIDENCE_HEADERS | {b"access-control-request-method", CONTENT_LENGTH}  # and the correlation header
 _NO_VALUES: tuple[bytes, ...] = ()
-_CORRELATION_NAME = frozenset({CORRELATION_HEADER})
 
 
 class ProtectedApp:
@@ -262,20 +307,24 @@ class ProtectedApp:
         after_limit = self.body_limit.app if self.body_limit is not None else under_boundary
         self.csrf = csrf if after_limit is csrf else None
         self.app = csrf.app if self.csrf is not None else after_limit
-        self._plain_drop = policy.managed | _CORRELATION_NAME
-        self._no_store_drop = policy.no_store_managed | _CORRELATION_NAME
-        allowed: list[bytes | None] = [None, *cors.allowed_origin_values()]
-        self._plain_tails = {origin: (*cors.actual_headers(origin), *policy.headers) for origin in allowed}
-        self._no_store_tails = {origin: (*cors.actual_headers(origin), *policy.no_store_headers) for origin in allowed}
+        self._correlation_key = composed.header_key  # the configured correlation header
+        self._accept_or_mint = composed.ids.accept_or_mint
+        self._read_headers = _READ_HEADERS | {self._correlation_key}
+        self._plain_drop = policy.managed | {self._correlation_key}
+        self._no_store_drop = policy.no_store_managed | {self._correlation_key}
+        # by allowed origin: rendered now for the exact ones, on first use for one a pattern allows
+        self._plain_tails = cors.headers_by_origin(policy.headers)
+        self._no_store_tails = cors.headers_by_origin(policy.no_store_headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.composed(scope, receive, send)
             return
         found: dict[bytes, list[bytes]] = {}
+        read_headers = self._read_headers
         for name, value in scope["headers"]:
             key = name.lower()
-            if key in _READ_HEADERS:
+            if key in read_headers:
                 values = found.get(key)
                 if values is None:
                     found[key] = [value]
@@ -286,7 +335,7 @@ class ProtectedApp:
         if method == "OPTIONS" and origins is not None and b"access-control-request-method" in found:
             await self.composed(scope, receive, send)  # a preflight: answered by the CORS layer
             return
-        correlation_id, correlation_header = accept_or_mint(scope, found.get(CORRELATION_HEADER, _NO_VALUES))
+        correlation_id, correlation_header = self._accept_or_mint(scope, found.get(self._correlation_key, _NO_VALUES))
         allowed = self.cors.allowed_origin(origins[0]) if origins is not None and len(origins) == 1 else None
         audited = self.request_audit is not None and method not in SAFE_METHODS
         logging_access = self.access_log and access_logger.isEnabledFor(logging.INFO)
@@ -344,7 +393,7 @@ class ProtectedApp:
             if refused:
                 pass
             elif csrf is not None and method not in SAFE_METHODS:
-                verdict = csrf.verdict_from(method, found, scope.get("state"))
+                verdict = csrf.verdict_from(method, found, scope.get("state"), scope["path"])
                 if not verdict.allowed:
                     await csrf.refuse(scope, receive, app_send, method, verdict)
                 else:
@@ -386,6 +435,7 @@ class ProtectedApp:
             result = decorate(headers, self._no_store_tails[allowed], self._no_store_drop)
         else:  # a per-route variant (override_header, csp_nonce): the layers' own steps, in their order
             result = policy.apply(decorate(headers, self.cors.actual_headers(allowed)), status, scope)
-            result = [header for header in result if header[0].lower() != CORRELATION_HEADER]
+            correlation_key = self._correlation_key
+            result = [header for header in result if header[0].lower() != correlation_key]
         result.append(correlation_header)
         return result

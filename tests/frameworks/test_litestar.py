@@ -9,8 +9,6 @@ the development profile's details.
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 import httpx
 from litestar import Litestar, get
 from litestar.exceptions import ValidationException
@@ -64,7 +62,7 @@ def in_process(settings: Settings) -> ASGIApp:
         raise RuntimeError("kaboom")
 
     api = Litestar([conflict, boom], exception_handlers=exception_handlers(settings))
-    protected: ASGIApp = protect(cast(Any, api), settings)
+    protected: ASGIApp = protect(api, settings)
     return protected
 
 
@@ -92,7 +90,7 @@ def test_an_applications_validation_exception_keeps_its_message() -> None:
 
     settings = Settings(env="development")
     api = Litestar([check], exception_handlers=exception_handlers(settings))
-    response = call(protect(cast(Any, api), settings), "GET", "/check")
+    response = call(protect(api, settings), "GET", "/check")
     assert response.status == 422
     body = response.json()
     assert body["message"] == "That name is reserved."

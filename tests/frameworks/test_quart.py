@@ -8,7 +8,7 @@ while a handler the application registered itself is kept.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import httpx
 from quart import Quart
@@ -45,7 +45,7 @@ def test_raised_thallus_error_keeps_its_status_and_shape() -> None:
     async def conflict() -> dict[str, Any]:
         raise ConflictError("That name is taken.", details={"name": "widget"})
 
-    response = call(protect(cast(Any, api), Settings(env="development")), "GET", "/conflict")
+    response = call(protect(api, Settings(env="development")), "GET", "/conflict")
     assert response.status == 409
     assert response.json() == {
         "error": "ConflictError",
@@ -63,6 +63,6 @@ def test_the_applications_own_handler_is_kept() -> None:
         return {"error": "Mine", "message": "mine", "details": None, "correlation_id": None}, exc.code or 500
 
     install_error_handlers(api)
-    response = call(protect(cast(Any, api), Settings(env="development")), "GET", "/nowhere")
+    response = call(protect(api, Settings(env="development")), "GET", "/nowhere")
     assert response.status == 404
     assert response.json()["error"] == "Mine"

@@ -1,7 +1,6 @@
 """The Django project's ASGI entry point (its asgi.py): docs/frameworks/django.md shows this module, tests/frameworks/test_django.py serves it."""
 
 import os
-from typing import Any, cast
 
 from django.conf import settings
 from django.core.asgi import get_asgi_application
@@ -10,5 +9,4 @@ from thallus import protect
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.frameworks.apps.django_settings")
 
-# cast: only for mypy, which finds django-stubs' ASGI signature narrower than protect()'s parameter
-application = protect(cast(Any, get_asgi_application()), settings.THALLUS)  # serve `application`
+application = protect(get_asgi_application(), settings.THALLUS)  # serve `application`

@@ -1,7 +1,6 @@
 """Litestar behind Thallus: docs/frameworks/litestar.md shows this module, tests/frameworks/test_litestar.py serves it."""
 
 from dataclasses import dataclass
-from typing import Any, cast
 
 from litestar import Litestar, get, post
 from litestar.exceptions import NotFoundException
@@ -37,5 +36,4 @@ async def boom() -> None:
 
 settings = Settings.load()  # THALLUS_* variables
 api = Litestar([list_items, create_item, get_item, boom], exception_handlers=exception_handlers(settings))
-# cast: only for mypy, which finds Litestar's typed ASGI signature narrower than protect()'s parameter
-app = protect(cast(Any, api), settings)  # serve `app`
+app = protect(api, settings)  # serve `app`

@@ -1,6 +1,6 @@
 """Quart behind Thallus: docs/frameworks/quart.md shows this module, tests/frameworks/test_quart.py serves it."""
 
-from typing import Any, cast
+from typing import Any
 
 from quart import Quart, abort, request
 
@@ -34,5 +34,4 @@ async def boom() -> dict[str, Any]:
     raise RuntimeError("kaboom")
 
 
-# cast: only for mypy, which finds Quart's typed ASGI signature narrower than protect()'s parameter
-app = protect(cast(Any, api), Settings.load())  # THALLUS_* variables; serve `app`
+app = protect(api, Settings.load())  # THALLUS_* variables; serve `app`
