@@ -17,12 +17,24 @@ platform already sets that one. A custom validator narrows a header-safe baselin
 at most :data:`MAX_CUSTOM_LENGTH` characters), never widens it, since the accepted value is copied
 verbatim into logs, error bodies and the response; a custom generator's IDs must pass it too.
 
+**Trace context** (W3C Trace Context Level 1, https://www.w3.org/TR/trace-context/): a valid
+``traceparent`` (one header; version ``00`` exactly, or a later version read by its first four
+fields; trace and parent IDs not all zeros; lower-case hex) is accepted — it stays in the request
+headers for inner layers and tracers, and :func:`propagate_correlation_id` sends it on (with a
+new parent ID: the outgoing call is a child of this hop). When the client sent no correlation
+header, the trace ID (32 hex digits) becomes the correlation ID, so logs and traces join on one
+value. An invalid ``traceparent`` is ignored, never an error. With OpenTelemetry installed
+(``thallus[otel]``), the correlation ID is set as the ``correlation_id`` attribute of the span that
+is current when the response starts, and outgoing calls carry the current span's context instead.
+
 The layer also writes the one access-log line per request (method, path, status, duration), since
 it is the outermost layer and sees the final status of every response.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import os
 import re
@@ -30,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from thallus._asgi import RESPONSE_START_TYPES, ASGIApp, Message, Receive, Scope, Send
@@ -52,6 +65,72 @@ logger = logging.getLogger("thallus.correlation")
 access_logger = logging.getLogger("thallus.access")
 
 correlation_id_var: ContextVar[str | None] = ContextVar("thallus_correlation_id", default=None)
+
+TRACEPARENT_KEY = b"traceparent"
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_PARENT_ID = "0" * 16
+
+
+@dataclass(frozen=True, slots=True)
+class TraceParent:
+    """A valid ``traceparent``'s fields (W3C Trace Context §3.2)."""
+
+    trace_id: str
+    parent_id: str
+    flags: str
+
+    def child(self) -> str:
+        """The ``traceparent`` of a call made from this hop: same trace and flags, a new parent ID."""
+        return f"00-{self.trace_id}-{os.urandom(8).hex()}-{self.flags}"
+
+
+def parse_traceparent(raw: bytes) -> TraceParent | None:
+    """The fields of a ``traceparent`` value, or ``None`` if it is not valid (§3.2.2: version
+    ``ff`` is invalid; version ``00`` is exactly 55 characters; a later version may append fields
+    after a ``-``; all-zero trace or parent IDs are invalid)."""
+    match = _TRACEPARENT.match(raw)
+    if match is None:
+        return None
+    version = match.group(1)
+    if version == b"ff" or (version == b"00" and len(raw) != 55) or (len(raw) > 55 and raw[55:56] != b"-"):
+        return None
+    trace_id, parent_id = match.group(2).decode(), match.group(3).decode()
+    if trace_id == _ZERO_TRACE_ID or parent_id == _ZERO_PARENT_ID:
+        return None
+    return TraceParent(trace_id, parent_id, match.group(4).decode())
+
+
+#: The current request's valid ``traceparent`` (``None`` if it brought none); set for every request.
+trace_parent_var: ContextVar[TraceParent | None] = ContextVar("thallus_trace_parent", default=None)
+
+
+_OPENTELEMETRY = importlib.util.find_spec("opentelemetry") is not None
+
+
+@functools.cache
+def _opentelemetry() -> Any:
+    """OpenTelemetry's ``trace`` and ``propagate`` modules, imported on first use, not at start-up."""
+    from opentelemetry import propagate, trace
+
+    return trace, propagate
+
+
+def _span_annotator() -> Callable[[bytes], None] | None:
+    """With OpenTelemetry installed: a function that sets ``correlation_id`` on the current span."""
+    if not _OPENTELEMETRY:
+        return None
+
+    def annotate(correlation_id: bytes) -> None:
+        span = _opentelemetry()[0].get_current_span()
+        if span.is_recording():
+            span.set_attribute("correlation_id", correlation_id.decode("ascii", "replace"))
+
+    return annotate
+
+
+#: Called with the correlation ID at each response start, or ``None`` without OpenTelemetry.
+annotate_span = _span_annotator()
 
 
 def get_correlation_id() -> str | None:
@@ -186,18 +265,29 @@ class CorrelationIds:
         value = uuid7()
         return value, value.encode("ascii")
 
-    def accept_or_mint(self, scope: Scope, client_values: Sequence[bytes]) -> tuple[str, tuple[bytes, bytes]]:
+    def accept_or_mint(
+        self, scope: Scope, client_values: Sequence[bytes], traceparents: Sequence[bytes] = ()
+    ) -> tuple[str, tuple[bytes, bytes]]:
         """The request's correlation ID and its response header, from the client's values of
-        :attr:`header` (every one the request carried, in order): the single valid value, else a
-        new ID, the refusal logged.
+        :attr:`header` (every one the request carried, in order): the single valid value; else,
+        with no value at all, the trace ID of a single valid ``traceparent`` (``traceparents``:
+        every one the request carried); else a new ID, a refusal logged.
 
         The effective ID is written into ``scope["headers"]`` (refused values removed) and
         ``scope["state"]``, so inner layers, handlers and tracers all see the same value.
         """
         key = self.key
+        trace_parent = parse_traceparent(traceparents[0]) if len(traceparents) == 1 else None
+        trace_parent_var.set(trace_parent)
         if len(client_values) == 1 and self._accepts(client_values[0]):
             correlation_id = client_values[0].decode("ascii")
             header = (key, client_values[0])
+        elif (
+            not client_values and trace_parent is not None and self._accepts(trace_id := trace_parent.trace_id.encode())
+        ):
+            correlation_id = trace_parent.trace_id
+            header = (key, trace_id)
+            scope["headers"] = [*scope["headers"], header]
         else:
             if self._custom_generator:
                 correlation_id, raw = self._mint_custom()
@@ -246,9 +336,11 @@ def _narrowed(validator: Validator) -> Callable[[bytes], bool]:
 DEFAULT_IDS = CorrelationIds()
 
 
-def accept_or_mint(scope: Scope, client_values: Sequence[bytes]) -> tuple[str, tuple[bytes, bytes]]:
+def accept_or_mint(
+    scope: Scope, client_values: Sequence[bytes], traceparents: Sequence[bytes] = ()
+) -> tuple[str, tuple[bytes, bytes]]:
     """:meth:`CorrelationIds.accept_or_mint` with the defaults (``X-Correlation-ID``, UUIDv7)."""
-    return DEFAULT_IDS.accept_or_mint(scope, client_values)
+    return DEFAULT_IDS.accept_or_mint(scope, client_values, traceparents)
 
 
 def log_access(scope: Scope, status: int, started: float) -> None:
@@ -300,8 +392,15 @@ class CorrelationIdMiddleware:
             await self.app(scope, receive, send)
             return
         header_key = self.header_key
-        client_values = [value for name, value in scope["headers"] if name.lower() == header_key]
-        correlation_id, header = self.ids.accept_or_mint(scope, client_values)
+        client_values = []
+        traceparents = []
+        for name, value in scope["headers"]:
+            lowered = name.lower()
+            if lowered == header_key:
+                client_values.append(value)
+            elif lowered == TRACEPARENT_KEY:
+                traceparents.append(value)
+        correlation_id, header = self.ids.accept_or_mint(scope, client_values, traceparents)
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -313,6 +412,8 @@ class CorrelationIdMiddleware:
                     headers = [h for h in headers if h[0].lower() != header_key]
                 message["headers"] = [*headers, header]
                 status = message.get("status", 101)
+                if annotate_span is not None:
+                    annotate_span(header[1])
             elif message_type == "websocket.close" and not status:
                 status = 403  # closed before accept: the server answers the handshake with 403
             await send(message)
@@ -332,23 +433,62 @@ class CorrelationIdMiddleware:
 
 
 def correlation_headers(header: str = HEADER) -> dict[str, str]:
-    """``{header: id}`` for the current request, or ``{}`` outside one (``header``: the configured one)."""
+    """The headers an outgoing call of the current request carries: ``{header: id}`` and, when
+    the request brought a valid ``traceparent`` (or an OpenTelemetry span is current), the
+    ``traceparent`` of a child call; ``{}`` outside a request (``header``: the configured one)."""
     correlation_id = correlation_id_var.get()
-    return {header: correlation_id} if correlation_id else {}
+    if not correlation_id:
+        return {}
+    headers = {header: correlation_id}
+    _add_trace_context(headers)
+    return headers
+
+
+def _add_trace_context(headers: Any) -> None:
+    """Set ``traceparent`` (and ``tracestate``) in ``headers`` unless already there."""
+    if "traceparent" in headers:
+        return
+    if _otel_inject is not None:
+        _otel_inject(headers)
+        if "traceparent" in headers:
+            return
+    trace_parent = trace_parent_var.get()
+    if trace_parent is not None:
+        headers["traceparent"] = trace_parent.child()
+
+
+def _otel_injector() -> Callable[[Any], None] | None:
+    """With OpenTelemetry installed: its propagator (W3C by default), for the current span."""
+    if not _OPENTELEMETRY:
+        return None
+
+    def inject(headers: Any) -> None:
+        trace, propagate = _opentelemetry()
+        if trace.get_current_span().get_span_context().is_valid:
+            propagate.inject(headers)
+
+    return inject
+
+
+_otel_inject = _otel_injector()
 
 
 def _header_setter(header: str) -> Callable[[httpx.Request], None]:
     def set_header(request: httpx.Request) -> None:
         correlation_id = correlation_id_var.get()
-        if correlation_id and header not in request.headers:
+        if not correlation_id:
+            return
+        if header not in request.headers:
             request.headers[header] = correlation_id
+        _add_trace_context(request.headers)
 
     return set_header
 
 
 def propagate_correlation_id(client: httpx.Client | httpx.AsyncClient, header: str = HEADER) -> Any:
     """Make ``client`` send the current correlation ID on every request (unless one is set), in
-    ``header`` (pass the configured correlation header when it is not ``X-Correlation-ID``).
+    ``header`` (pass the configured correlation header when it is not ``X-Correlation-ID``), and
+    the trace context (``traceparent``) of the current request, as :func:`correlation_headers`.
 
     Adds a request event hook, so the ID is read when each request is sent — the same
     long-lived client serves every request of the service. Returns the client.

@@ -35,8 +35,10 @@ from thallus.audit import AuditSink
 from thallus.audit.middleware import AuditRequestMiddleware
 from thallus.bodies import CONTENT_LENGTH, BodyLimitMiddleware, LimitedBody, has_body, over_limit, too_large
 from thallus.correlation import (
+    TRACEPARENT_KEY,
     CorrelationIdMiddleware,
     access_logger,
+    annotate_span,
     correlation_id_var,
     log_access,
 )
@@ -263,7 +265,8 @@ def _is_starlette(app: object) -> TypeGuard[Starlette]:
 
 
 #: The request headers the fast path reads, in its one pass over them.
-_READ_HEADERS = EVIDENCE_HEADERS | {b"access-control-request-method", CONTENT_LENGTH}  # and the correlation header
+_READ_HEADERS = EVIDENCE_HEADERS | {b"access-control-request-method", CONTENT_LENGTH, TRACEPARENT_KEY}
+# ... and the configured correlation header
 _NO_VALUES: tuple[bytes, ...] = ()
 
 
@@ -335,7 +338,9 @@ class ProtectedApp:
         if method == "OPTIONS" and origins is not None and b"access-control-request-method" in found:
             await self.composed(scope, receive, send)  # a preflight: answered by the CORS layer
             return
-        correlation_id, correlation_header = self._accept_or_mint(scope, found.get(self._correlation_key, _NO_VALUES))
+        correlation_id, correlation_header = self._accept_or_mint(
+            scope, found.get(self._correlation_key, _NO_VALUES), found.get(TRACEPARENT_KEY, _NO_VALUES)
+        )
         allowed = self.cors.allowed_origin(origins[0]) if origins is not None and len(origins) == 1 else None
         audited = self.request_audit is not None and method not in SAFE_METHODS
         logging_access = self.access_log and access_logger.isEnabledFor(logging.INFO)
@@ -438,4 +443,6 @@ class ProtectedApp:
             correlation_key = self._correlation_key
             result = [header for header in result if header[0].lower() != correlation_key]
         result.append(correlation_header)
+        if annotate_span is not None:  # OpenTelemetry installed: the span current at response start
+            annotate_span(correlation_header[1])
         return result
