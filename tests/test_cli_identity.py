@@ -79,7 +79,8 @@ def test_keys_create(tmp_path: Path) -> None:
     assert unknown.returncode == 1
     assert unknown.stderr.strip() == "thallus: No user with e-mail address nobody@example.com."
     bad_time = thallus(tmp_path, "keys", "create", "--email", "ada@example.com", "--name", "x", "--expires-at", "soon")
-    assert bad_time.returncode == 1
+    assert bad_time.returncode == 2
+    assert "argument --expires-at: 'soon' is not an ISO 8601 date or time" in bad_time.stderr
 
 
 def test_db_upgrade(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ SERVICE_MODULES = (
     "h11",
     "httpx",
     "jwt",
+    "rich",
     "sqlalchemy",
     "starlette",
     "uvicorn",

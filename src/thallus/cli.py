@@ -29,6 +29,7 @@ SERVER_MODULES = frozenset(
         "fastapi_offline",
         "h11",
         "jwt",
+        "rich",
         "sqlalchemy",
         "starlette",
         "uuid_utils",

@@ -1,8 +1,16 @@
-"""The ``thallus`` command: ``serve``, ``config show``, ``db upgrade``, ``users``, ``keys``.
+"""The ``thallus`` command: ``serve``, ``config show``, ``db upgrade``, ``users``, ``keys``, ``audit``.
 
-Invalid settings stop every command with one line per problem on stderr
-(``thallus: THALLUS_VARIABLE: reason``) and exit status 2; a refused operation (duplicate e-mail,
-weak password, unknown user, unreachable database) prints ``thallus: reason`` and exits 1.
+Exit statuses: 0 done; 1 a refused or failed operation (duplicate e-mail, weak password, unknown
+user, unreachable database, an audit chain that does not verify), with ``thallus: reason`` on stderr;
+2 a usage error, nothing attempted: a malformed argument (a date that is not ISO 8601, a
+non-positive number of days, an unknown format) is named by argparse on stderr, and invalid
+settings print one line per problem (``thallus: THALLUS_VARIABLE: reason``).
+
+Every failure goes to stderr; stdout carries only results (an export, a key, a summary), so they
+can be piped. The read commands take ``--json`` (``users list``, ``audit verify``, ``config show``).
+``audit verify``, ``audit export`` and ``audit prune`` show a progress bar (Rich) on stderr while
+it is an interactive terminal, and print nothing extra — no escape codes — when it is a pipe or a
+CI log (``export`` also stays quiet when its records go to that same terminal).
 """
 
 from __future__ import annotations
@@ -10,9 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from thallus import __version__
@@ -20,13 +32,15 @@ from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS
 from thallus.errors import NotFoundError
 from thallus.headers import CACHE_CONTROL, HeaderPolicy
 from thallus.server.identity.passwords import default_concurrency
-from thallus.server.identity.service import Identity
+from thallus.server.identity.service import Identity, utc
 from thallus.server.settings import ServiceSettings
 from thallus.settings import ConfigurationError
 
 if TYPE_CHECKING:
-    from thallus.server.audit.store import AuditStore, Verification
-    from thallus.server.storage import Database
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
+
+    from thallus.server.audit.store import AuditFilter, AuditStore, Verification
     from thallus.server.storage.models import ApiKey, User
 
 T = TypeVar("T")
@@ -337,6 +351,21 @@ def _users_create(args: argparse.Namespace) -> int:
 def _users_list(args: argparse.Namespace) -> int:
     settings = _load_settings()
     users = _run(_with_identity(settings, lambda identity: identity.list_users()))
+    if args.json:
+        documents = [
+            {
+                "id": user.id,
+                "email": user.email,
+                "name": user.name,
+                "role": user.role,
+                "features": user.features,
+                "is_active": user.is_active,
+                "created_at": user.created_at.isoformat(),
+            }
+            for user in users
+        ]
+        print(json.dumps(documents, indent=2))
+        return 0
     for user in users:
         features = ",".join(user.features) or "-"
         print(f"{user.id} {user.email} {user.role} {features} {user.created_at.isoformat()} {user.name or '-'}")
@@ -346,13 +375,9 @@ def _users_list(args: argparse.Namespace) -> int:
 def _users_set(args: argparse.Namespace) -> int:
     from thallus.server.identity.service import ClientInfo
 
-    settings = _load_settings()
     if args.role is None and args.api_access is None and args.active is None:
-        print(
-            "thallus: nothing to change: give --role, --api-access/--no-api-access or --active/--no-active",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIGURATION
+        args.usage_error("nothing to change: give --role, --api-access/--no-api-access or --active/--no-active")
+    settings = _load_settings()
 
     async def work(identity: Identity) -> User:
         user = await identity.user_by_email(args.email)
@@ -400,14 +425,10 @@ def _users_unlock(args: argparse.Namespace) -> int:
 
 def _keys_create(args: argparse.Namespace) -> int:
     from thallus.principal import Principal
-    from thallus.server.identity.service import ClientInfo, utc
+    from thallus.server.identity.service import ClientInfo
 
     settings = _load_settings()
-    try:
-        expires_at = utc(datetime.fromisoformat(args.expires_at)) if args.expires_at else None
-    except ValueError:
-        print(f"thallus: --expires-at {args.expires_at!r} is not an ISO 8601 time", file=sys.stderr)
-        return EXIT_FAILURE
+    expires_at: datetime | None = args.expires_at
 
     async def work(identity: Identity) -> tuple[ApiKey, str]:
         user = await identity.user_by_email(args.email)
@@ -423,85 +444,296 @@ def _keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_store(settings: ServiceSettings) -> tuple[Database, AuditStore]:
+#: The most records a progress bar's count lags behind: it is updated once per this many (cheap).
+PROGRESS_STEP = 500
+
+
+class _Progress:
+    """A progress bar (Rich) on stderr while stderr is an interactive terminal; nothing at all otherwise.
+
+    For a pipe or a CI log nothing is imported, counted or printed — no escape codes, no extra
+    line, even when ``FORCE_COLOR`` is set — so ``active`` tells the caller whether counting the
+    work ahead (a ``COUNT`` query) is worth it. ``TERM=dumb`` and ``TTY_COMPATIBLE=0`` turn it off.
+    """
+
+    def __init__(self, description: str, *, enabled: bool = True) -> None:
+        self._description = description
+        self._enabled = enabled
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
+        self.done = 0
+        self._shown = 0
+
+    @property
+    def active(self) -> bool:
+        return self._bar is not None
+
+    def __enter__(self) -> _Progress:
+        if not (self._enabled and sys.stderr.isatty()):
+            return self
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        console = Console(stderr=True)
+        if not console.is_interactive:
+            return self
+        self._bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(elapsed_when_finished=True),
+            console=console,
+            redirect_stdout=False,  # stdout carries the results (an export): never touched
+        )
+        self._task = self._bar.add_task(self._description, total=None)
+        self._bar.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if self._bar is not None:
+            self._flush()
+            self._bar.stop()
+            self._bar = None
+
+    def expect(self, total: int) -> None:
+        """How many records the work will take (the bar pulses until this is known)."""
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, total=total)
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        if self.done - self._shown >= PROGRESS_STEP:
+            self._flush()
+
+    def finish(self, done: int | None = None, *, complete: bool = True) -> None:
+        """The work ended after ``done`` records: all there were (``complete``), or where it stopped."""
+        if done is not None:
+            self.done = done
+        if self._bar is not None and self._task is not None and complete:
+            self._bar.update(self._task, total=self.done)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, completed=self.done)
+        self._shown = self.done
+
+
+@contextmanager
+def _counting_records(progress: _Progress) -> Iterator[None]:
+    """Advance ``progress`` by one for each audit record loaded from the database meanwhile.
+
+    ``AuditStore.verify`` takes no callback and ``export_lines`` yields bytes, but both load the
+    records as :class:`AuditLog` rows, a page at a time: the bar counts those (at most one page
+    ahead of the work). One process, one command: the listener is removed on the way out.
+    """
+    if not progress.active:
+        yield
+        return
+    from sqlalchemy import event
+
+    from thallus.server.storage.models import AuditLog
+
+    def loaded(target: AuditLog, context: object) -> None:
+        progress.advance()
+
+    event.listen(AuditLog, "load", loaded)
+    try:
+        yield
+    finally:
+        event.remove(AuditLog, "load", loaded)
+
+
+async def _with_audit_store(settings: ServiceSettings, work: Callable[[AuditStore], Awaitable[T]]) -> T:
     from thallus.server.audit.store import AuditStore
     from thallus.server.storage import Database
 
     database = Database(settings.effective_database_url)
-    return database, AuditStore(database)
+    try:
+        await database.migrate()
+        return await work(AuditStore(database))
+    finally:
+        await database.dispose()
+
+
+async def _count_matching(store: AuditStore, query: AuditFilter) -> int:
+    from sqlalchemy import func, select
+
+    from thallus.server.storage.models import AuditLog
+
+    async with store.database.session() as db:
+        return int(await db.scalar(query.apply(select(func.count()).select_from(AuditLog))) or 0)
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
     settings = _load_settings()
 
-    async def work() -> Verification:
-        database, store = _audit_store(settings)
-        try:
-            await database.migrate()
+    async def work(store: AuditStore) -> Verification:
+        if progress.active:
+            progress.expect(await store.count())  # every stored record follows the last checkpoint
+        with _counting_records(progress):
             return await store.verify()
-        finally:
-            await database.dispose()
 
-    result = _run(work())
-    if result.ok:
+    with _Progress("Verifying the audit chain") as progress:
+        result = _run(_with_audit_store(settings, work))
+        progress.finish(result.checked, complete=result.ok)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    elif result.ok:
         print(f"audit chain intact: {result.checked} records")
+    if result.ok:
         return 0
     row = f"seq {result.broken_seq}" + (f" (id {result.broken_id})" if result.broken_id else "")
-    print(f"audit chain broken at {row}: {result.reason}; {result.checked} records before it are intact")
+    print(
+        f"thallus: audit chain broken at {row}: {result.reason}; {result.checked} records before it are intact",
+        file=sys.stderr,
+    )
     return EXIT_FAILURE
 
 
 def _audit_export(args: argparse.Namespace) -> int:
     from thallus.server.api.routes.audit_logs import export_lines
     from thallus.server.audit.store import AuditFilter
-    from thallus.server.identity.service import utc
 
+    if args.start_date and args.end_date and args.end_date < args.start_date:
+        args.usage_error("--end-date is before --start-date")
     settings = _load_settings()
-    try:
-        start = utc(datetime.fromisoformat(args.start_date)) if args.start_date else None
-        end = utc(datetime.fromisoformat(args.end_date)) if args.end_date else None
-    except ValueError:
-        print("thallus: --start-date and --end-date take ISO 8601 times", file=sys.stderr)
-        return EXIT_FAILURE
     query = AuditFilter(
-        user_id=args.user_id, actions=tuple(args.action or ()), outcome=args.outcome, start=start, end=end
+        user_id=args.user_id,
+        actions=tuple(args.action or ()),
+        outcome=args.outcome,
+        start=args.start_date,
+        end=args.end_date,
     )
-    output = open(args.output, "wb") if args.output else sys.stdout.buffer  # noqa: SIM115 - closed below
+    try:
+        output = open(args.output, "wb") if args.output else sys.stdout.buffer  # noqa: SIM115 - closed below
+    except OSError as exc:
+        print(f"thallus: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
-    async def work() -> None:
-        database, store = _audit_store(settings)
-        try:
-            await database.migrate()
+    async def work(store: AuditStore) -> None:
+        if progress.active:
+            progress.expect(await _count_matching(store, query))
+        with _counting_records(progress):
             async for chunk in export_lines(store, query, args.format):
                 output.write(chunk)
-        finally:
-            await database.dispose()
+        output.flush()
 
+    # records scrolling by on the terminal are progress enough, and a bar would tear through them
+    to_terminal = not args.output and sys.stdout.isatty()
     try:
-        _run(work())
+        with _Progress("Exporting audit records", enabled=not to_terminal) as progress:
+            _run(_with_audit_store(settings, work))
+            progress.finish()
+    except BrokenPipeError:
+        # the reader stopped early (``| head``): end quietly, as other tools do, without a
+        # second error when Python flushes stdout on the way out
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     finally:
         if args.output:
             output.close()
     return 0
 
 
-def _audit_prune(args: argparse.Namespace) -> int:
-    from datetime import UTC, timedelta
+@dataclass(frozen=True)
+class _PrunePlan:
+    """What ``AuditStore.prune(cutoff)`` would do: delete ``count`` records, the last of them ``seq``
+    (``hash``), which becomes the new checkpoint."""
 
+    count: int
+    seq: int | None = None
+    hash: str | None = None
+
+
+async def _prune_plan(store: AuditStore, cutoff: datetime) -> _PrunePlan:
+    """``AuditStore.prune``'s own queries, read only: the prefix of the chain before the first
+    record created at or after ``cutoff`` (every record when none is)."""
+    from sqlalchemy import func, select
+
+    from thallus.server.storage.models import AuditChainHead, AuditLog
+
+    async with store.database.session() as db:
+        first_kept = await db.scalar(select(func.min(AuditLog.seq)).where(AuditLog.created_at >= cutoff))
+        if first_kept is None:
+            first_kept = int(await db.scalar(select(AuditChainHead.seq).where(AuditChainHead.id == 1)) or 0) + 1
+        last_pruned = await db.scalar(
+            select(AuditLog).where(AuditLog.seq < first_kept).order_by(AuditLog.seq.desc()).limit(1)
+        )
+        if last_pruned is None:
+            return _PrunePlan(0)
+        count = int(await db.scalar(select(func.count()).select_from(AuditLog).where(AuditLog.seq < first_kept)) or 0)
+    return _PrunePlan(count, last_pruned.seq, last_pruned.hash)
+
+
+def _audit_prune(args: argparse.Namespace) -> int:
     settings = _load_settings()
     cutoff = datetime.now(UTC) - timedelta(days=args.older_than)
-
-    async def work() -> int:
-        database, store = _audit_store(settings)
-        try:
-            await database.migrate()
-            return await store.prune(cutoff)
-        finally:
-            await database.dispose()
-
-    pruned = _run(work())
-    print(f"pruned {pruned} audit records older than {cutoff.isoformat(timespec='seconds')}; checkpoint written")
+    when = cutoff.isoformat(timespec="seconds")
+    if args.dry_run:
+        plan = _run(_with_audit_store(settings, lambda store: _prune_plan(store, cutoff)))
+        checkpoint = f"the new checkpoint would be seq {plan.seq} ({plan.hash})" if plan.count else "no checkpoint"
+        print(f"would prune {plan.count} audit records older than {when}; {checkpoint}; nothing was deleted")
+        return 0
+    # one DELETE: the bar pulses, then shows how many went
+    with _Progress(f"Pruning audit records older than {cutoff:%Y-%m-%d}") as progress:
+        pruned = _run(_with_audit_store(settings, lambda store: store.prune(cutoff)))
+        progress.finish(pruned)
+    outcome = "checkpoint written" if pruned else "nothing to prune, no checkpoint written"
+    print(f"pruned {pruned} audit records older than {when}; {outcome}")
     return 0
+
+
+# -- argument types: a malformed value is a usage error (exit 2, named by argparse) -------------------
+
+
+def _iso_time(value: str) -> datetime:
+    """An ISO 8601 date or time, as an aware UTC time (one without a zone is taken as UTC)."""
+    try:
+        return utc(datetime.fromisoformat(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an ISO 8601 date or time (such as 2025-01-31 or 2025-01-31T09:30:00+01:00)"
+        ) from None
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return number
+
+
+def _days(value: str) -> int:
+    number = _positive_int(value)
+    try:
+        datetime.now(UTC) - timedelta(days=number)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{value!r} days reach back before the year 1") from None
+    return number
+
+
+def _port(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0 to 65535)")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -511,8 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the API with uvicorn (settings from THALLUS_* variables)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to bind (default 8000)")
+    serve.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default 1)")
     serve.set_defaults(handler=_serve)
 
     db = commands.add_parser("db", help="database administration")
@@ -529,6 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--api-access", action="store_true", help="allow the user to create API keys")
     create.set_defaults(handler=_users_create)
     listing = user_commands.add_parser("list", help="one user a line: id email role features created name")
+    listing.add_argument("--json", action="store_true", help="print a JSON array of users instead")
     listing.set_defaults(handler=_users_list)
     change = user_commands.add_parser(
         "set", help="change a user's role, features or active flag (every instance follows within 1 s)"
@@ -539,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     change.add_argument(
         "--active", action=argparse.BooleanOptionalAction, help="--no-active: its sessions and keys stop working"
     )
-    change.set_defaults(handler=_users_set)
+    change.set_defaults(handler=_users_set, usage_error=change.error)
     unlock = user_commands.add_parser("unlock", help="lift a login lockout (needs THALLUS_REDIS_URL)")
     unlock.add_argument("--email", required=True)
     unlock.set_defaults(handler=_users_unlock)
@@ -549,25 +782,28 @@ def build_parser() -> argparse.ArgumentParser:
     key_create = key_commands.add_parser("create", help="create an API key and print it (once)")
     key_create.add_argument("--email", required=True, help="the user the key acts for")
     key_create.add_argument("--name", required=True, help="a label for the key")
-    key_create.add_argument("--expires-at", help="ISO 8601 expiry time (UTC when no zone is given)")
+    key_create.add_argument("--expires-at", type=_iso_time, help="ISO 8601 expiry time (UTC when no zone is given)")
     key_create.set_defaults(handler=_keys_create)
 
     audit = commands.add_parser("audit", help="the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
-    audit_commands.add_parser("verify", help="walk the hash chain; exit 1 at the first broken link").set_defaults(
-        handler=_audit_verify
-    )
+    verify = audit_commands.add_parser("verify", help="walk the hash chain; exit 1 at the first broken link")
+    verify.add_argument("--json", action="store_true", help="print the outcome as a JSON object")
+    verify.set_defaults(handler=_audit_verify)
     export = audit_commands.add_parser("export", help="write records, oldest first, as JSON Lines or CSV")
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     export.add_argument("--output", help="a file (default: standard output)")
     export.add_argument("--action", action="append", help="only this action (repeatable)")
     export.add_argument("--user-id")
     export.add_argument("--outcome", choices=("success", "failure", "partial", "denied"))
-    export.add_argument("--start-date", help="ISO 8601, inclusive")
-    export.add_argument("--end-date", help="ISO 8601, inclusive")
-    export.set_defaults(handler=_audit_export)
+    export.add_argument("--start-date", type=_iso_time, help="ISO 8601, inclusive (UTC when no zone is given)")
+    export.add_argument("--end-date", type=_iso_time, help="ISO 8601, inclusive (UTC when no zone is given)")
+    export.set_defaults(handler=_audit_export, usage_error=export.error)
     prune = audit_commands.add_parser("prune", help="delete old records (retention), keeping the chain verifiable")
-    prune.add_argument("--older-than", type=int, required=True, metavar="DAYS")
+    prune.add_argument("--older-than", type=_days, required=True, metavar="DAYS", help="a positive number of days")
+    prune.add_argument(
+        "--dry-run", action="store_true", help="print how many records would go and the new checkpoint; delete none"
+    )
     prune.set_defaults(handler=_audit_prune)
 
     config = commands.add_parser("config", help="inspect the configuration")
