@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BeforeValidator
 
 from thallus.errors import ECHO_CHARS, ThallusError, invalid_field
 from thallus.server.api.deps import AdminDep
@@ -36,6 +37,17 @@ async def store(request: Request) -> AuditStore:
 StoreDep = Annotated[AuditStore, Depends(store)]
 
 
+def _iso_8601(value: Any) -> Any:
+    """An ISO 8601 date or date-time only: pydantic's lax mode would take ``0`` or ``1.5`` as Unix
+    time, which the documented ``date-time`` format does not allow (and nobody means)."""
+    if isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit():
+        raise ValueError("must be an ISO 8601 date or date-time, e.g. 2026-01-31T12:00:00Z")
+    return value
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_8601)]
+
+
 async def filters(
     *,
     user_id: str | None = None,
@@ -45,8 +57,8 @@ async def filters(
     correlation_id: str | None = None,
     resource_type: str | None = None,
     resource_id: str | None = None,
-    start_date: datetime | None = None,
-    end_date: datetime | None = None,
+    start_date: IsoDateTime | None = None,
+    end_date: IsoDateTime | None = None,
 ) -> AuditFilter:
     wanted = [action] if action else []
     if actions:
