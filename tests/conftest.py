@@ -23,6 +23,7 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
         if name.startswith("THALLUS_") and not name.startswith("THALLUS_TEST_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    monkeypatch.setenv("THALLUS_ENV_FILE", "")  # nor a .env file of the working directory
 
 
 @pytest.fixture(scope="session")

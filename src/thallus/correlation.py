@@ -105,7 +105,15 @@ def parse_traceparent(raw: bytes) -> TraceParent | None:
 trace_parent_var: ContextVar[TraceParent | None] = ContextVar("thallus_trace_parent", default=None)
 
 
-_OPENTELEMETRY = importlib.util.find_spec("opentelemetry") is not None
+def _has_opentelemetry() -> bool:
+    """Whether OpenTelemetry's API is installed (its ``trace`` module, not just the namespace)."""
+    try:
+        return importlib.util.find_spec("opentelemetry.trace") is not None
+    except ImportError:  # no "opentelemetry" package at all
+        return False
+
+
+_OPENTELEMETRY = _has_opentelemetry()
 
 
 @functools.cache

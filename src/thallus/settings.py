@@ -79,6 +79,15 @@ class ConfigurationError(ValueError):
 Refusal = tuple[str, str]
 
 
+class SourceError(Exception):
+    """A source of values that cannot be read: the variable that names it, and why."""
+
+    def __init__(self, variable: str, reason: str) -> None:
+        super().__init__(f"{variable}: {reason}")
+        self.variable = variable
+        self.reason = reason
+
+
 class _RefusalsError(ValueError):
     """Every cross-field refusal of one configuration, raised once from validation."""
 
@@ -185,8 +194,8 @@ class Settings(BaseSettings):
             failed = {field for field, _, refusal in described if field and not refusal}
             if failed:
                 problems += self._refusals_despite(values, failed, keywords)
-        except (OSError, ValueError) as exc:  # an unreadable or malformed TOML or .env file
-            problems.append(f"{_file_variable()}: {exc}")
+        except SourceError as exc:  # an unreadable or malformed .env or TOML file
+            problems.append(f"{exc.variable}: {exc.reason}")
         if problems:
             raise ConfigurationError(problems)
 
@@ -198,7 +207,7 @@ class Settings(BaseSettings):
             super().__init__(**retry)
         except ValidationError as exc:
             return [line for field, line, refusal in _described(exc, keywords) if refusal and field not in failed]
-        except (OSError, ValueError):
+        except SourceError:
             return []
         return []
 
@@ -217,11 +226,17 @@ class Settings(BaseSettings):
         env_file = env_file_path()
         if env_file is not None:
             if os.environ.get(ENV_FILE_VARIABLE) and not env_file.is_file():
-                raise OSError(f"{ENV_FILE_VARIABLE}: {str(env_file)!r} is not a readable file")
-            sources.append(DotEnvSettingsSource(settings_cls, env_file=env_file, env_prefix=ENV_PREFIX))
+                raise SourceError(ENV_FILE_VARIABLE, f"{str(env_file)!r} is not a readable file")
+            try:
+                sources.append(DotEnvSettingsSource(settings_cls, env_file=env_file, env_prefix=ENV_PREFIX))
+            except (OSError, ValueError) as exc:
+                raise SourceError(ENV_FILE_VARIABLE, f"{str(env_file)!r}: {exc}") from None
         config_file = os.environ.get(CONFIG_FILE_VARIABLE)
         if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+            try:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+            except (OSError, ValueError) as exc:
+                raise SourceError(CONFIG_FILE_VARIABLE, str(exc)) from None
         return tuple(sources)
 
     @model_validator(mode="before")
@@ -466,10 +481,6 @@ def env_file_path() -> Path | None:
     if chosen is None:
         return Path(DEFAULT_ENV_FILE)
     return Path(chosen) if chosen.strip() else None
-
-
-def _file_variable() -> str:
-    return CONFIG_FILE_VARIABLE if os.environ.get(CONFIG_FILE_VARIABLE) else ENV_FILE_VARIABLE
 
 
 def variable_name(field: str) -> str:
