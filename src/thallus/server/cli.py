@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from thallus import __version__
-from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS
+from thallus.cors import CORSMiddleware
 from thallus.errors import NotFoundError
 from thallus.headers import CACHE_CONTROL, HeaderPolicy
 from thallus.server.identity.passwords import default_concurrency
@@ -59,9 +59,27 @@ _DISPLAY_NAMES = {
     "reporting-endpoints": "Reporting-Endpoints",
     "cross-origin-opener-policy": "Cross-Origin-Opener-Policy",
     "cross-origin-resource-policy": "Cross-Origin-Resource-Policy",
+    "cross-origin-embedder-policy": "Cross-Origin-Embedder-Policy",
     "x-permitted-cross-domain-policies": "X-Permitted-Cross-Domain-Policies",
     "cache-control": "Cache-Control",
 }
+
+
+def _effective_cors(settings: ServiceSettings) -> CORSMiddleware:
+    """The CORS layer these settings build (its lists as checked and completed at start-up)."""
+
+    async def unused(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover - never called
+        raise AssertionError
+
+    return CORSMiddleware(
+        unused,
+        settings.origins,
+        allow_methods=settings.cors_allow_methods,
+        expose_headers=settings.cors_expose_headers,
+        extra_allowed_headers=settings.cors_extra_headers,
+        correlation_header=settings.correlation_header,
+        max_age=settings.cors_max_age,
+    )
 
 
 def effective_policy(settings: ServiceSettings) -> dict[str, Any]:
@@ -72,6 +90,7 @@ def effective_policy(settings: ServiceSettings) -> dict[str, Any]:
         _DISPLAY_NAMES.get(name.decode(), name.decode()): value.decode("latin-1") for name, value in policy.headers
     }
     no_store_on = ["every error response (status >= 400)", *(f"paths under {path}" for path in settings.no_store_paths)]
+    cors = _effective_cors(settings)
     return {
         "environment": settings.env,
         "public_origin": settings.public_origin,
@@ -81,9 +100,9 @@ def effective_policy(settings: ServiceSettings) -> dict[str, Any]:
         "cors": {
             "allowed_origins": list(settings.origins),
             "allow_credentials": True,
-            "allowed_methods": list(ALLOWED_METHODS),
-            "allowed_headers": list(dict.fromkeys((*ALLOWED_HEADERS, *settings.cors_extra_headers))),
-            "exposed_headers": list(EXPOSED_HEADERS),
+            "allowed_methods": list(cors.allow_methods),
+            "allowed_headers": list(cors.allowed_headers),
+            "exposed_headers": list(cors.expose_headers),
             "max_age": settings.cors_max_age,
         },
         "cookies": {
@@ -99,7 +118,9 @@ def effective_policy(settings: ServiceSettings) -> dict[str, Any]:
             "unless authenticated by a valid API key",
             "trusted_origins": list(settings.trusted_origins),
             "without_origin_evidence": "403" if settings.csrf_requires_origin_evidence else "allowed",
+            "exempt_paths": list(settings.csrf_exempt_paths),
         },
+        "correlation_header": settings.correlation_header,
         "errors": {"500_details": "exception type and message" if settings.expose_error_details else "generic"},
         "rate_limits": {
             "enabled": settings.rate_limit_enabled,
