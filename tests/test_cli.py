@@ -63,6 +63,29 @@ def test_config_show_production() -> None:
     assert SECRET not in out
 
 
+def test_config_show_prints_the_options_as_configured() -> None:
+    result = thallus(
+        "config",
+        "show",
+        "--json",
+        THALLUS_CORS_ALLOW_METHODS="get,post",
+        THALLUS_CORRELATION_HEADER="X-Request-ID",
+        THALLUS_CSRF_EXEMPT_PATHS="/hooks/billing",
+        THALLUS_X_FRAME_OPTIONS="sameorigin",
+        THALLUS_CROSS_ORIGIN_EMBEDDER_POLICY="require-corp",
+    )
+    assert result.returncode == 0, result.stderr
+    policy = json.loads(result.stdout)
+    assert policy["cors"]["allowed_methods"] == ["GET", "POST"]
+    assert "X-Request-ID" in policy["cors"]["allowed_headers"]
+    assert policy["cors"]["exposed_headers"][0] == "X-Request-ID"
+    assert policy["correlation_header"] == "X-Request-ID"
+    assert policy["csrf"]["exempt_paths"] == ["/hooks/billing"]
+    assert policy["headers"]["X-Frame-Options"] == "SAMEORIGIN"
+    assert "frame-ancestors 'self'" in policy["headers"]["Content-Security-Policy"]
+    assert policy["headers"]["Cross-Origin-Embedder-Policy"] == "require-corp"
+
+
 def test_config_show_development_json() -> None:
     result = thallus("config", "show", "--json")
     assert result.returncode == 0, result.stderr
