@@ -370,22 +370,36 @@ def test_stale_clients_are_swept_by_later_hits_without_a_thread() -> None:
 
 
 def test_one_redis_command_per_request(redis_target: RedisTarget, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each request is one EVALSHA and waits for one round trip: alone, a pipeline of one; the
+    requests of one event-loop turn share one pipeline. Nothing else is sent."""
     commands: list[bytes] = []
+    batches: list[list[bytes]] = []
     execute = coredis.Redis.execute_command
+    flush = thallus.limiter_store.RedisBatch._flush
 
     async def counting(self: coredis.Redis[Any], command: Any, *args: Any, **options: Any) -> Any:
         commands.append(bytes(command.name))
         return await execute(self, command, *args, **options)
 
-    async def scenario() -> list[Any]:
+    async def recording(self: thallus.limiter_store.RedisBatch, batch: list[Any]) -> None:
+        batches.append([b"EVALSHA" for _ in batch])  # each entry is one script call
+        await flush(self, batch)
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
         app = limiter(create_storage(redis_target.url, redis_target.prefix), redis_target.prefix, "100/minute")
         await request(app)  # connects (the handshake is not a request's)
         monkeypatch.setattr(coredis.Redis, "execute_command", counting)
-        return [await request(app) for _ in range(10)]
+        monkeypatch.setattr(thallus.limiter_store.RedisBatch, "_flush", recording)
+        one_by_one = [await request(app) for _ in range(10)]
+        together = list(await asyncio.gather(*(request(app) for _ in range(10))))
+        return one_by_one, together
 
-    answers = asyncio.run(scenario())
-    assert [status for status, _, _ in answers] == [200] * 10
-    assert commands == [b"EVALSHA"] * 10, "the hit and everything the headers need: one round trip"
+    one_by_one, together = asyncio.run(scenario())
+    assert [status for status, _, _ in one_by_one + together] == [200] * 20
+    assert commands == [], "nothing outside the pipelines"
+    assert batches == [[b"EVALSHA"]] * 10 + [[b"EVALSHA"] * 10], "one call a request; one turn, one round trip"
+    remaining = sorted(int((header or "").split("r=")[1].split(";")[0]) for _, header, _ in together)
+    assert remaining == list(range(79, 89)), "each of the ten concurrent hits counted once, exactly"
 
 
 # -- Redis: reloading, outages ----------------------------------------------------------------------
