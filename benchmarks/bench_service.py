@@ -470,7 +470,9 @@ def start_anchor(stack: ExitStack, anchor: AnchorCredentials) -> ServiceTarget:
 
 def start_uvicorn(stack: ExitStack, name: str, description: str, app: str, env: Mapping[str, str]) -> ServiceTarget:
     """``python -m uvicorn`` with what ``thallus serve`` passes to it (no access log, no ``Server``
-    header, no proxy headers), one worker."""
+    header, no proxy headers, the h11 protocol on the asyncio loop — ``thallus serve`` pins both, and
+    with uvicorn[standard] installed uvicorn's "auto" would give the others httptools and uvloop),
+    one worker."""
     port = free_port()
     command = [
         sys.executable,
@@ -490,6 +492,10 @@ def start_uvicorn(stack: ExitStack, name: str, description: str, app: str, env: 
         "warning",
         "--no-server-header",
         "--no-proxy-headers",
+        "--http",
+        "h11",
+        "--loop",
+        "asyncio",
     ]
     process = subprocess.Popen(
         command, env=clean_environment(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
