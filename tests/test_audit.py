@@ -719,10 +719,10 @@ def test_query_endpoint(admin_api: Api) -> None:
     future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     assert api.client.get("/api/v1/audit-logs", params={"start_date": future}, headers=admin).json()["items"] == []
     assert api.client.get("/api/v1/audit-logs", params={"outcome": "maybe"}, headers=admin).status_code == 422
-    for number in ("0", "1700000000", "-1.5"):  # not Unix time: the schema says ISO 8601 date-time
+    for unix_time in ("0", "1700000000", "-1.5"):  # not Unix time: the schema says ISO 8601 date-time
         for name in ("start_date", "end_date"):
-            numeric = api.client.get("/api/v1/audit-logs", params={name: number}, headers=admin)
-            assert numeric.status_code == 422, (name, number)
+            numeric = api.client.get("/api/v1/audit-logs", params={name: unix_time}, headers=admin)
+            assert numeric.status_code == 422, (name, unix_time)
             assert numeric.json()["details"][0]["loc"] == ["query", name]
     assert api.client.get("/api/v1/audit-logs", params={"start_date": "2026-01-31"}, headers=admin).status_code == 200
 

@@ -4,6 +4,9 @@ Its commands (``serve``, ``db``, ``users``, ``keys``, ``audit``, ``config``) bel
 service, :mod:`thallus.server.cli`, which needs the ``server`` extra. Without it, ``thallus
 --version`` still answers and every other command says what is missing and how to install it,
 with exit status 2 (a usage error: nothing was attempted).
+
+``thallus check`` is the exception: the scanner, :mod:`thallus.check` (the ``check`` extra), needs
+nothing of the service and is dispatched before it is imported.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ def missing_server_module(exc: ModuleNotFoundError) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["check"]:
+        from thallus.check.cli import main as check_main
+
+        return check_main(arguments[1:])
     try:
         from thallus.server.cli import main as server_main
     except ModuleNotFoundError as exc:
