@@ -9,9 +9,11 @@ foreign-origin cookie POST, a JSON 500 with the correlation ID. Before the chang
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -252,3 +254,22 @@ def test_every_way_of_serving_the_readme_module_serves_the_protected_app(command
         crashed = httpx.get(url + "/boom", timeout=10)
         assert crashed.status_code == 500
         assert crashed.json()["correlation_id"] == crashed.headers["x-correlation-id"]
+
+
+def test_a_wrapped_app_is_not_wrapped_again() -> None:
+    async def plain(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("never called")
+
+    wrapped = protect(plain, settings())
+    with pytest.raises(ValueError, match="already applied"):
+        protect(wrapped, settings())
+
+
+def test_a_protected_application_is_freed_like_any_other() -> None:
+    """Nothing global keeps a protected application (or its layers) alive."""
+    api = protect(fastapi_app(), settings())
+    assert call(api, "GET", "/items").status == 200
+    alive = weakref.ref(api)
+    del api
+    gc.collect()
+    assert alive() is None

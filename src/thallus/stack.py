@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar, cast, overload
@@ -134,18 +133,16 @@ def protect(
     """
     settings = settings or Settings.load()
     parts = _Parts(inner, audit, rate_limit_storage, csrf_refusal, correlation_id_generator, correlation_id_validator)
+    if isinstance(app, ProtectedApp) or isinstance(getattr(app, "build_middleware_stack", None), _Installed):
+        raise ValueError("protect() was already applied to this application")
     if not _is_starlette(app):
         return _compose(cast(ASGIApp, app), settings, parts)
-    if app in _installed:
-        raise ValueError("protect() was already applied to this application")
     install_error_handlers(app)
     own_stack = _OwnStack(app.build_middleware_stack)
-    protected = _compose(own_stack, settings, parts)
     # Starlette builds its middleware stack on the first call, through this public method; ours
     # wraps what it builds. Reset a stack built already, so the next call goes through ours.
-    app.build_middleware_stack = lambda: protected  # type: ignore[method-assign]
+    app.build_middleware_stack = _Installed(_compose(own_stack, settings, parts))  # type: ignore[method-assign]
     app.middleware_stack = None
-    _installed[app] = protected
     return app
 
 
@@ -154,10 +151,24 @@ def protection(app: ASGIApp) -> ProtectedApp:
     the one installed in a Starlette or FastAPI application. Raises ``LookupError`` if neither."""
     if isinstance(app, ProtectedApp):
         return app
-    try:
-        return _installed[app]
-    except (KeyError, TypeError):
-        raise LookupError("this application is not protected by thallus.protect()") from None
+    installed = getattr(app, "build_middleware_stack", None)
+    if isinstance(installed, _Installed):
+        return installed.protected
+    raise LookupError("this application is not protected by thallus.protect()")
+
+
+class _Installed:
+    """What :func:`protect` puts in place of a Starlette application's ``build_middleware_stack``:
+    it returns the layers. The application holds it, and nothing global holds either, so a
+    protected application is freed like any other."""
+
+    __slots__ = ("protected",)
+
+    def __init__(self, protected: ProtectedApp) -> None:
+        self.protected = protected
+
+    def __call__(self) -> ProtectedApp:
+        return self.protected
 
 
 class _OwnStack:
@@ -176,9 +187,6 @@ class _OwnStack:
             stack = self.stack = self.build()
         await stack(scope, receive, send)
 
-
-#: Starlette applications :func:`protect` installed itself in, and what it installed.
-_installed: weakref.WeakKeyDictionary[Any, ProtectedApp] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True, slots=True)
