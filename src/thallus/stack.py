@@ -188,7 +188,6 @@ class _OwnStack:
         await stack(scope, receive, send)
 
 
-
 @dataclass(frozen=True, slots=True)
 class _Parts:
     """What :func:`protect` passes to its layers besides the settings (which hold only values)."""
