@@ -72,6 +72,7 @@ from thallus.cors import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS, CORS
 from thallus.csrf import CSRFMiddleware
 from thallus.errors import ErrorBoundaryMiddleware
 from thallus.headers import SecurityHeadersMiddleware
+from thallus.metrics import Metrics
 from thallus.stack import protection
 
 SECRET = "x" * 40
@@ -125,6 +126,12 @@ def thallus_settings(origins: Sequence[str] = (APP_ORIGIN,)) -> Settings:
 
 def build_thallus() -> ASGIApp:
     app: ASGIApp = protect(make_app(), thallus_settings())
+    return app
+
+
+def build_thallus_with_metrics() -> ASGIApp:
+    """``build_thallus`` counting every request (thallus.metrics): table 5."""
+    app: ASGIApp = protect(make_app(), thallus_settings(), metrics=Metrics())
     return app
 
 
@@ -595,6 +602,76 @@ async def breakdown(options: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+# -- what metrics add ----------------------------------------------------------------------------
+
+#: prometheus-client's own metric objects, one update of a request count and a duration: the
+#: alternative to thallus.metrics' plain tables (run in a fresh process: its multiprocess mode is
+#: chosen when it is first imported).
+PROMETHEUS_UPDATE = """
+import os, sys, tempfile, timeit
+if sys.argv[1] == "multiprocess":
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp()
+from prometheus_client import CollectorRegistry, Counter, Histogram
+registry = CollectorRegistry()
+count = Counter("requests", "r", ["method", "route", "status_class"], registry=registry)
+duration = Histogram("duration", "d", ["method", "route", "status_class"], registry=registry)
+def by_labels():
+    count.labels("GET", "/items", "2xx").inc()
+    duration.labels("GET", "/items", "2xx").observe(0.0003)
+child_count, child_duration = count.labels("GET", "/items", "2xx"), duration.labels("GET", "/items", "2xx")
+def by_child():
+    child_count.inc()
+    child_duration.observe(0.0003)
+for step in (by_labels, by_child):
+    print(min(timeit.repeat(step, number=20000, repeat=int(sys.argv[2]))) / 20000 * 1e6)
+"""
+
+
+async def metrics_cost(options: argparse.Namespace, scenarios: Sequence[Scenario]) -> dict[str, Any]:
+    """Table 5: ``protect`` with and without metrics on every scenario, and one update's cost in
+    thallus.metrics against prometheus-client's own objects (plain and multiprocess mode)."""
+    import subprocess
+    import sys
+
+    timing = {"seconds": options.seconds, "warmup": options.warmup, "repeat": options.repeat}
+    stacks: dict[str, ASGIApp] = {"thallus": build_thallus(), "thallus+metrics": build_thallus_with_metrics()}
+    cells = await measure(stacks, scenarios, **timing)
+    rows = added_rows(cells, "thallus")
+    for row in rows:
+        cell = cells[row["scenario"]]
+        pairs = zip(cell["thallus+metrics"].runs_ns, cell["thallus"].runs_ns, strict=True)
+        row["added_runs_us"] = [round((with_ - without) / 1000, 3) for with_, without in pairs]
+    metrics = Metrics()
+    scope = {"route": Route("/items", list_items)}
+    repeat = max(options.repeat, 3)
+    updates = [
+        {
+            "step": "thallus.metrics: Metrics.observe (labels, histogram, count)",
+            "us": round(
+                min(timeit.repeat(lambda: metrics.observe("GET", scope, 200, 0.0003), number=20000, repeat=repeat))
+                / 20000
+                * 1e6,
+                3,
+            ),
+        }
+    ]
+    for mode in ("plain", "multiprocess"):
+        result = subprocess.run(
+            [sys.executable, "-c", PROMETHEUS_UPDATE, mode, str(repeat)], capture_output=True, text=True, check=True
+        )
+        by_labels, by_child = (float(line) for line in result.stdout.split())
+        updates.append(
+            {
+                "step": f"prometheus-client ({mode}): .labels(...).inc() + .labels(...).observe()",
+                "us": round(by_labels, 3),
+            }
+        )
+        updates.append(
+            {"step": f"prometheus-client ({mode}): the same on children looked up once", "us": round(by_child, 3)}
+        )
+    return {"rows": rows, "updates": updates}
+
+
 # -- reporting ---------------------------------------------------------------------------------
 
 
@@ -729,6 +806,30 @@ def render_table(document: dict[str, Any]) -> str:
     if document.get("breakdown"):
         lines += ["", "4. Where the fast path's time goes (post_csrf; each step alone, best of the repetitions)", ""]
         lines += text_table(("step", "µs"), [(row["step"], f"{row['us']:.2f}") for row in document["breakdown"]])
+    if document.get("metrics"):
+        metrics = document["metrics"]
+        lines += ["", "5. What metrics add: protect() with and without metrics=Metrics() (µs per request)", ""]
+        lines += text_table(
+            ("scenario", "thallus µs", "+metrics µs", "added µs", "added, each repetition", "spread"),
+            [
+                (
+                    row["scenario"],
+                    f"{row['thallus']['best_us']:.2f}",
+                    f"{row['thallus+metrics']['best_us']:.2f}",
+                    f"{row['added_us']['thallus+metrics']:+.2f}",
+                    " ".join(f"{value:+.2f}" for value in row["added_runs_us"]),
+                    f"{max(row['thallus']['spread'], row['thallus+metrics']['spread']):.1%}",
+                )
+                for row in metrics["rows"]
+            ],
+        )
+        lines += [
+            "",
+            "added, each repetition: +metrics minus thallus in each repetition (the two run back to back).",
+            "One update of the counts, each alone (timeit, best of the repetitions):",
+            "",
+        ]
+        lines += text_table(("update", "µs"), [(row["step"], f"{row['us']:.3f}") for row in metrics["updates"]])
     return "\n".join(lines)
 
 
@@ -750,6 +851,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-layers", action="store_true", help="skip table 2 (each layer alone)")
     parser.add_argument("--no-scaling", action="store_true", help="skip table 3 (origins and header counts)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip table 4 (the fast path's steps)")
+    parser.add_argument("--no-metrics", action="store_true", help="skip table 5 (what metrics add)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument(
         "--access-log",
@@ -870,6 +972,9 @@ async def run(options: argparse.Namespace) -> dict[str, Any] | None:
     if not options.no_breakdown:
         progress("4. breakdown")
         document["breakdown"] = await breakdown(options)
+    if not options.no_metrics:
+        progress("5. metrics")
+        document["metrics"] = await metrics_cost(options, scenarios)
     print(json.dumps(document, indent=2) if options.json else render_table(document))
     return document
 

@@ -84,6 +84,7 @@ def test_config_show_prints_the_options_as_configured() -> None:
     assert policy["headers"]["X-Frame-Options"] == "SAMEORIGIN"
     assert "frame-ancestors 'self'" in policy["headers"]["Content-Security-Policy"]
     assert policy["headers"]["Cross-Origin-Embedder-Policy"] == "require-corp"
+    assert policy["metrics"] == {"endpoint": "/metrics", "access": "loopback"}
 
 
 def test_config_show_development_json() -> None:

@@ -47,6 +47,7 @@ SERVICE_MODULES = (
     "h11",
     "httpx",
     "jwt",
+    "prometheus_client",  # the metrics extra: thallus.metrics imports it only when a Metrics is made
     "rich",
     "sqlalchemy",
     "starlette",

@@ -25,12 +25,16 @@ has averaged less than ``body_min_rate`` bytes a second (``THALLUS_BODY_MIN_RATE
 ``mod_reqtimeout``'s ``MinRate``: a trickle of a byte every few seconds never pauses long enough
 for the first rule), the request ends with a §8 ``408 RequestTimeoutError``, answered the same
 way, and the server closes the connection, whose request never completed.
+
+``count_refusal``, when given, is called with the reason of every refusal as it is decided
+(``too_large``, ``timeout``, ``too_slow``): the metrics' hook (:mod:`thallus.metrics`), so refusals
+count however they end up answered.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from thallus._asgi import ASGIApp, Message, Receive, Scope, Send
 from thallus.errors import PayloadTooLargeError, ThallusError, send_thallus_error
@@ -40,6 +44,9 @@ DEFAULT_BODY_TIMEOUT = 30.0
 DEFAULT_BODY_MIN_RATE = 500
 CONTENT_LENGTH = b"content-length"
 CLOSE = (b"connection", b"close")
+#: The reasons of a refusal, as ``count_refusal`` receives them.
+TOO_LARGE, TIMEOUT, TOO_SLOW = "too_large", "timeout", "too_slow"
+RefusalCounter = Callable[[str], None]
 
 
 class BodyLimit:
@@ -108,6 +115,7 @@ class LimitedBody:
         "_send",
         "began",
         "complete",
+        "count_refusal",
         "limit",
         "min_rate",
         "received",
@@ -126,6 +134,7 @@ class LimitedBody:
         min_rate: int = DEFAULT_BODY_MIN_RATE,
         *,
         expected: bool = True,
+        count_refusal: RefusalCounter | None = None,
     ) -> None:
         self._receive = receive
         self._send = send
@@ -138,6 +147,7 @@ class LimitedBody:
         self.refusal: ThallusError | None = None
         self.started = False
         self.replacing = False
+        self.count_refusal = count_refusal
 
     async def receive(self) -> Message:
         if self.refusal is not None:
@@ -149,21 +159,24 @@ class LimitedBody:
             async with asyncio.timeout(self.timeout):
                 message = await self._receive()
         except TimeoutError:
-            self.refusal = timed_out(self.timeout)
-            raise self.refusal from None
+            raise self._refuse(timed_out(self.timeout), TIMEOUT) from None
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
             if not message.get("more_body", False):
                 self.complete = True
             if self.received > self.limit:
-                self.refusal = too_large(self.limit)
-                raise self.refusal
+                raise self._refuse(too_large(self.limit), TOO_LARGE)
             if self.min_rate and message.get("more_body", False):
                 elapsed = loop.time() - self.began
                 if elapsed > self.timeout and self.received < self.min_rate * elapsed:
-                    self.refusal = too_slow(self.min_rate)
-                    raise self.refusal
+                    raise self._refuse(too_slow(self.min_rate), TOO_SLOW)
         return message
+
+    def _refuse(self, refusal: ThallusError, reason: str) -> ThallusError:
+        self.refusal = refusal
+        if self.count_refusal is not None:
+            self.count_refusal(reason)
+        return refusal
 
     async def send(self, message: Message) -> None:
         if self.replacing:
@@ -199,6 +212,7 @@ class BodyLimitMiddleware:
         route_limits: Mapping[str, int] | None = None,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         body_min_rate: int = DEFAULT_BODY_MIN_RATE,
+        count_refusal: RefusalCounter | None = None,
     ) -> None:
         if body_timeout <= 0:
             raise ValueError("body_timeout must be positive")
@@ -208,6 +222,7 @@ class BodyLimitMiddleware:
         self.limits = BodyLimit(max_body_bytes, route_limits or {})
         self.body_timeout = body_timeout
         self.body_min_rate = body_min_rate
+        self.count_refusal = count_refusal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -216,10 +231,18 @@ class BodyLimitMiddleware:
         limit = self.limits.limit_for(scope["path"])
         declared = declared_lengths(scope)
         if declared is not None and over_limit(declared, limit):
+            if self.count_refusal is not None:
+                self.count_refusal(TOO_LARGE)
             await send_thallus_error(send, too_large(limit))
             return
         body = LimitedBody(
-            receive, send, limit, self.body_timeout, self.body_min_rate, expected=has_body(scope["headers"])
+            receive,
+            send,
+            limit,
+            self.body_timeout,
+            self.body_min_rate,
+            expected=has_body(scope["headers"]),
+            count_refusal=self.count_refusal,
         )
         try:
             await self.app(scope, body.receive, body.send)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar, cast, overload
@@ -32,7 +33,15 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar, cast, overl
 from thallus._asgi import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from thallus.audit import AuditSink
 from thallus.audit.middleware import AuditRequestMiddleware
-from thallus.bodies import CONTENT_LENGTH, BodyLimitMiddleware, LimitedBody, has_body, over_limit, too_large
+from thallus.bodies import (
+    CONTENT_LENGTH,
+    TOO_LARGE,
+    BodyLimitMiddleware,
+    LimitedBody,
+    has_body,
+    over_limit,
+    too_large,
+)
 from thallus.correlation import (
     TRACEPARENT_KEY,
     CorrelationIdMiddleware,
@@ -51,6 +60,7 @@ from thallus.errors import (
     send_thallus_error,
 )
 from thallus.headers import HeaderPolicy, SecurityHeadersMiddleware
+from thallus.metrics import PREFLIGHT, UNMATCHED, Metrics
 from thallus.ratelimit import RateLimitMiddleware, RateLimitStorage, create_storage
 from thallus.settings import Settings
 
@@ -81,6 +91,7 @@ def protect(
     csrf_refusal: RefusalHook | None = None,
     correlation_id_generator: Callable[[], str] | None = None,
     correlation_id_validator: Callable[[str], bool] | None = None,
+    metrics: Metrics | None = None,
 ) -> StarletteT: ...
 
 
@@ -95,6 +106,7 @@ def protect(
     csrf_refusal: RefusalHook | None = None,
     correlation_id_generator: Callable[[], str] | None = None,
     correlation_id_validator: Callable[[str], bool] | None = None,
+    metrics: Metrics | None = None,
 ) -> ASGIApp: ...
 
 
@@ -108,6 +120,7 @@ def protect(
     csrf_refusal: RefusalHook | None = None,
     correlation_id_generator: Callable[[], str] | None = None,
     correlation_id_validator: Callable[[str], bool] | None = None,
+    metrics: Metrics | None = None,
 ) -> ASGIApp:
     """Protect an ASGI application with the core layers configured by ``settings``.
 
@@ -128,11 +141,14 @@ def protect(
     ``THALLUS_REDIS_URL`` is set. ``csrf_refusal`` answers a CSRF refusal instead of the §8 403
     (:data:`~thallus.csrf.RefusalHook`); ``correlation_id_generator`` mints correlation IDs and
     ``correlation_id_validator`` decides which a client may send (defaults: UUIDv7, and the
-    ``[A-Za-z0-9][A-Za-z0-9._:-]{0,127}`` rule). Protecting the same application twice is refused
-    (ValueError).
+    ``[A-Za-z0-9][A-Za-z0-9._:-]{0,127}`` rule). ``metrics`` (:class:`thallus.metrics.Metrics`)
+    counts every HTTP request, its duration and the layers' refusals. Protecting the same
+    application twice is refused (ValueError).
     """
     settings = settings or Settings.load()
-    parts = _Parts(inner, audit, rate_limit_storage, csrf_refusal, correlation_id_generator, correlation_id_validator)
+    parts = _Parts(
+        inner, audit, rate_limit_storage, csrf_refusal, correlation_id_generator, correlation_id_validator, metrics
+    )
     if isinstance(app, ProtectedApp) or isinstance(getattr(app, "build_middleware_stack", None), _Installed):
         raise ValueError("protect() was already applied to this application")
     if not _is_starlette(app):
@@ -198,18 +214,21 @@ class _Parts:
     csrf_refusal: RefusalHook | None
     correlation_id_generator: Callable[[], str] | None
     correlation_id_validator: Callable[[str], bool] | None
+    metrics: Metrics | None = None
 
 
 def _compose(app: ASGIApp, settings: Settings, parts: _Parts) -> ProtectedApp:
     """The layers around ``app``, outermost first as the module docstring draws them."""
-    inner, audit, rate_limit_storage = parts.inner, parts.audit, parts.rate_limit_storage
+    inner, audit, rate_limit_storage, metrics = parts.inner, parts.audit, parts.rate_limit_storage, parts.metrics
+    # the layers' refusals are counted from the events they audit; the request record stays opt-in
+    layer_audit = metrics.audit_sink(audit) if metrics is not None else audit
     csrf = CSRFMiddleware(
         app,
         settings.trusted_origins,
         environment=settings.env,
         exempt_paths=settings.csrf_exempt_paths,
         on_refusal=parts.csrf_refusal,
-        audit=audit,
+        audit=layer_audit,
     )
     wrapped: ASGIApp = csrf
     for layer in reversed(inner):
@@ -220,6 +239,7 @@ def _compose(app: ASGIApp, settings: Settings, parts: _Parts) -> ProtectedApp:
         route_limits=settings.route_max_body_bytes,
         body_timeout=settings.body_timeout,
         body_min_rate=settings.body_min_rate,
+        count_refusal=metrics.body_refused if metrics is not None else None,
     )
     if settings.rate_limit_enabled:
         wrapped = RateLimitMiddleware(
@@ -234,7 +254,7 @@ def _compose(app: ASGIApp, settings: Settings, parts: _Parts) -> ProtectedApp:
             ipv4_prefix=settings.rate_limit_ipv4_prefix,
             ipv6_prefix=settings.rate_limit_ipv6_prefix,
             key_prefix=settings.redis_key_prefix,
-            audit=audit,
+            audit=layer_audit,
         )
     boundary = ErrorBoundaryMiddleware(wrapped, expose_details=settings.expose_error_details)
     request_audit = AuditRequestMiddleware(boundary, audit) if audit is not None else None
@@ -246,7 +266,7 @@ def _compose(app: ASGIApp, settings: Settings, parts: _Parts) -> ProtectedApp:
         extra_allowed_headers=settings.cors_extra_headers,
         correlation_header=settings.correlation_header,
         max_age=settings.cors_max_age,
-        audit=audit,
+        audit=layer_audit,
     )
     headers = SecurityHeadersMiddleware(cors, HeaderPolicy.from_settings(settings))
     return ProtectedApp(
@@ -261,6 +281,7 @@ def _compose(app: ASGIApp, settings: Settings, parts: _Parts) -> ProtectedApp:
         boundary,
         csrf=csrf,
         request_audit=request_audit,
+        metrics=metrics,
     )
 
 
@@ -288,7 +309,8 @@ class ProtectedApp:
     pass (header lists precomputed per allowed origin), the error boundary engaged only once a
     response is an error (:class:`~thallus.errors.ResponseGuard`), and the CSRF check made here when
     nothing sits between the boundary and CSRF (no rate limiter, no ``inner`` layers). Preflights,
-    WebSocket and lifespan scopes go through the composed layers (:attr:`composed`).
+    WebSocket and lifespan scopes go through the composed layers (:attr:`composed`). With
+    ``metrics``, each HTTP request is counted in the same frame, when its response is done.
 
     The result is the composed layers' result, header for header: tests/test_fast_path.py compares
     the two paths on generated requests and application behaviours.
@@ -303,8 +325,12 @@ class ProtectedApp:
         *,
         csrf: CSRFMiddleware,
         request_audit: AuditRequestMiddleware | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.composed = composed
+        self.metrics = metrics
+        # preflights are answered by the composed layers; counted there when metrics are on
+        self._preflight = composed if metrics is None else metrics.observed(composed, PREFLIGHT)
         self.policy = policy
         self.cors = cors
         self.boundary = boundary
@@ -343,7 +369,7 @@ class ProtectedApp:
         method = scope["method"]
         origins = found.get(b"origin")
         if method == "OPTIONS" and origins is not None and b"access-control-request-method" in found:
-            await self.composed(scope, receive, send)  # a preflight: answered by the CORS layer
+            await self._preflight(scope, receive, send)  # a preflight: answered by the CORS layer
             return
         correlation_id, correlation_header = self._accept_or_mint(
             scope, found.get(self._correlation_key, _NO_VALUES), found.get(TRACEPARENT_KEY, _NO_VALUES)
@@ -351,7 +377,8 @@ class ProtectedApp:
         allowed = self.cors.allowed_origin(origins[0]) if origins is not None and len(origins) == 1 else None
         audited = self.request_audit is not None and method not in SAFE_METHODS
         logging_access = self.access_log and access_logger.isEnabledFor(logging.INFO)
-        started = time.perf_counter() if audited or logging_access else 0.0
+        metrics = self.metrics
+        started = time.perf_counter() if audited or logging_access or metrics is not None else 0.0
         status = 0
         guard: ResponseGuard | None = None
 
@@ -388,7 +415,10 @@ class ProtectedApp:
             if self.body_limit is not None:
                 limit = self.body_limit.limits.limit_for(scope["path"])
                 declared = found.get(CONTENT_LENGTH)
+                count_refusal = self.body_limit.count_refusal
                 if declared is not None and over_limit(declared, limit):
+                    if count_refusal is not None:
+                        count_refusal(TOO_LARGE)
                     await send_thallus_error(app_send, too_large(limit))
                     refused = True
                 else:  # a refusal raised from receive is answered by the boundary, as a ThallusError
@@ -399,6 +429,7 @@ class ProtectedApp:
                         self.body_limit.body_timeout,
                         self.body_limit.body_min_rate,
                         expected=has_body(scope["headers"]),
+                        count_refusal=count_refusal,
                     )
                     receive, app_send = body.receive, body.send
             csrf = self.csrf
@@ -428,6 +459,12 @@ class ProtectedApp:
                 self.request_audit.record(scope, status or None, (time.perf_counter() - started) * 1000)
             if logging_access:
                 log_access(scope, status, started)
+            if metrics is not None:  # Metrics.observe, inline: one lookup, two increments
+                seconds = time.perf_counter() - started
+                key = (method, getattr(scope.get("route"), "path", UNMATCHED), status)
+                cell = metrics.cells.get(key) or metrics.cell(key)
+                cell[bisect_left(metrics.buckets, seconds)] += 1
+                cell[-1] += seconds
             correlation_id_var.reset(token)
 
     def _response_headers(

@@ -121,6 +121,7 @@ def effective_policy(settings: ServiceSettings) -> dict[str, Any]:
             "exempt_paths": list(settings.csrf_exempt_paths),
         },
         "correlation_header": settings.correlation_header,
+        "metrics": {"endpoint": "/metrics", "access": settings.metrics_access},
         "errors": {"500_details": "exception type and message" if settings.expose_error_details else "generic"},
         "rate_limits": {
             "enabled": settings.rate_limit_enabled,

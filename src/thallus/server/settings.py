@@ -97,6 +97,13 @@ class ServiceSettings(Settings):
     password_hash_max_wait: float = Field(
         5.0, gt=0, le=60, description="seconds a request waits for a hashing slot before a 503"
     )
+    metrics_access: Literal["off", "loopback", "token"] = Field(
+        "loopback",
+        description="who may read /metrics: nobody (404), TCP peers on loopback, or holders of THALLUS_METRICS_TOKEN",
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description=f"the bearer token /metrics asks for with metrics_access=token (≥ {MIN_SECRET_LENGTH} chars)"
+    )
 
     @field_validator("previous_secret_keys", mode="before")
     @classmethod
@@ -131,6 +138,11 @@ class ServiceSettings(Settings):
             return steps
         return value
 
+    @field_validator("metrics_access", mode="before")
+    @classmethod
+    def _parse_metrics_access(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _parse_log_level(cls, value: Any) -> Any:
@@ -143,6 +155,11 @@ class ServiceSettings(Settings):
     def refusals(self) -> list[Refusal]:
         """The layers' refusals, then the service's (docs/design.md §6 start-up row)."""
         refusals = super().refusals()
+        if self.metrics_access == "token":  # in every environment: the endpoint cannot be served without it
+            token = self.metrics_token.get_secret_value() if self.metrics_token else ""
+            if len(token) < MIN_SECRET_LENGTH:
+                problem = f"must be at least {MIN_SECRET_LENGTH} characters with THALLUS_METRICS_ACCESS=token"
+                refusals.append(("metrics_token", problem))
         if self.env == "development":
             return refusals
         if self.argon2_memory_cost < MIN_ARGON2_MEMORY_KIB:

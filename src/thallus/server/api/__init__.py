@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -28,6 +28,7 @@ from thallus.server.audit.writer import AuditWriter
 from thallus.server.auth import AuthenticationMiddleware
 from thallus.server.identity.lockout import LoginLockout, lockout_store
 from thallus.server.identity.service import Identity
+from thallus.server.metrics import ServiceMetrics
 from thallus.server.readiness import Readiness
 from thallus.server.settings import ServiceSettings
 from thallus.server.storage.database import Database, DatabaseUnavailableError
@@ -39,21 +40,35 @@ logger = logging.getLogger("thallus.server.api")
 class Service:
     """The protected ASGI application, with handles on its parts."""
 
-    def __init__(self, app: ASGIApp, api: FastAPI, identity: Identity, audit: AuditWriter | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api: FastAPI,
+        identity: Identity,
+        audit: AuditWriter | None = None,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self.app = app
         self.api = api
         self.identity = identity
         self.audit = audit
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
 
 
-def create_api(settings: ServiceSettings, identity: Identity, writer: AuditWriter | None = None) -> FastAPI:
+def create_api(
+    settings: ServiceSettings,
+    identity: Identity,
+    writer: AuditWriter | None = None,
+    metrics: ServiceMetrics | None = None,
+) -> FastAPI:
     """The FastAPI application alone (routers, error handlers, docs), without protection layers.
 
-    Its lifespan migrates the database, starts the identity service and the audit writer, and on
-    shutdown flushes both (queued audit records are written or journalled) before closing the pool.
+    Its lifespan migrates the database, starts the identity service, the audit writer and the
+    metrics snapshots, and on shutdown flushes them (queued audit records are written or
+    journalled, then the last snapshot written) before closing the pool.
     """
 
     @asynccontextmanager
@@ -61,12 +76,16 @@ def create_api(settings: ServiceSettings, identity: Identity, writer: AuditWrite
         await identity.start()
         if writer is not None:
             await writer.start()
+        if metrics is not None:
+            await metrics.start()
         try:
             yield
         finally:
             await identity.stop(dispose=False)
             if writer is not None:
                 await writer.stop()
+            if metrics is not None:
+                await metrics.stop()
             await identity.database.dispose()
 
     api = FastAPI(
@@ -84,6 +103,7 @@ def create_api(settings: ServiceSettings, identity: Identity, writer: AuditWrite
     api.state.identity = identity
     api.state.readiness = Readiness(identity.database, settings.redis_url)
     api.state.audit_store = writer.store if writer is not None else None
+    api.state.metrics = metrics.metrics if metrics is not None else None
     routers = (health.router, auth.router, users.router, api_keys.router, admin.router, audit_logs.router)
     for router in (*routers, csp_reports.router):
         api.include_router(router)
@@ -117,7 +137,9 @@ def create_app(settings: ServiceSettings | None = None, *, audit: AuditSink | No
     live in memory, or both in Redis when configured. The persistent log receives denials coalesced
     per client (:mod:`thallus.server.audit.coalesce`, driven and flushed by the writer); ``audit`` receives
     every audit event as it happened, besides the persistent log (or instead of it, with
-    ``THALLUS_AUDIT_ENABLED=false``).
+    ``THALLUS_AUDIT_ENABLED=false``). Unless ``THALLUS_METRICS_ACCESS=off``, requests, refusals,
+    sign-ins and the audit writer are counted and served at ``/metrics``
+    (:mod:`thallus.server.metrics`).
     """
     settings = settings or ServiceSettings.load()
     database = Database(settings.effective_database_url)
@@ -131,15 +153,21 @@ def create_app(settings: ServiceSettings | None = None, *, audit: AuditSink | No
     sink: AuditSink = FanOutSink(*sinks) if sinks else LogAuditSink()
     storage = create_storage(settings.redis_url, settings.redis_key_prefix)
     identity = Identity.from_settings(settings, sink, login_lockout(settings), database)
-    api = create_api(settings, identity, writer)
+    metrics = ServiceMetrics(settings, identity, writer) if settings.metrics_access != "off" else None
+    api = create_api(settings, identity, writer, metrics)
+    inner: list[Callable[[ASGIApp], ASGIApp]] = [RefuseNulInUrl]
+    if metrics is not None:
+        inner.append(metrics.layer)  # before authentication: /metrics has a bearer token of its own
+    inner.append(lambda app: AuthenticationMiddleware(app, identity))
     app = protect(
         api,
         settings,
-        inner=[RefuseNulInUrl, lambda inner: AuthenticationMiddleware(inner, identity)],
+        inner=inner,
         audit=sink,
         rate_limit_storage=storage,
+        metrics=metrics.metrics if metrics is not None else None,
     )
-    return Service(app, api, identity, writer)
+    return Service(app, api, identity, writer, metrics)
 
 
 def audit_writer(settings: ServiceSettings, database: Database) -> AuditWriter:

@@ -15,6 +15,7 @@ from thallus.csrf import login_csrf_verdict
 from thallus.errors import AuthenticationError, CSRFError, PermissionDeniedError, ThallusError
 from thallus.principal import Principal, principal_of
 from thallus.server.identity.service import ClientInfo, Identity
+from thallus.server.metrics import count_login_csrf_refusal
 
 WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="thallus"'}
 
@@ -101,6 +102,7 @@ async def login_origin_check(request: Request, service: Annotated[Identity, Depe
     service.audit.record(
         AuditEvent(action="csrf_rejected", outcome="denied", details=details, **request_fields(request.scope))
     )
+    count_login_csrf_refusal(request.app.state.metrics, verdict.reason)
     raise CSRFError("Cross-site request refused: " + verdict.reason + ".", details=details)
 
 

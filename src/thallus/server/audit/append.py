@@ -57,6 +57,9 @@ IDLE_RELEASE_SECONDS = 5.0
 
 
 class Appender(Protocol):
+    #: The chain head's seq after this appender's last append (0 before the first).
+    head_seq: int
+
     async def append(self, records: Sequence[Linkable], *, replay: bool = True) -> int:
         """Store records at the end of the chain, in order; returns how many were new."""
 
@@ -183,6 +186,7 @@ class PostgresAppender:
         self._driver: Any = None  # the asyncpg connection under it
         self._head: tuple[int, str] | None = None  # (seq, hash) this appender last wrote or read
         self._last_used = -float("inf")
+        self.head_seq = 0
 
     async def append(self, records: Sequence[Linkable], *, replay: bool = True) -> int:
         if not records:
@@ -215,6 +219,7 @@ class PostgresAppender:
             return None
         _expect(status, len(chain.rows))
         self._head = (chain.seq, chain.previous)
+        self.head_seq = chain.seq
         return len(chain.rows)
 
     async def _append_locked(self, driver: Any, records: Sequence[Linkable], *, replay: bool) -> int:
@@ -231,6 +236,7 @@ class PostgresAppender:
                 )
                 _expect(status, len(chain.rows))
         self._head = (chain.seq, chain.previous)
+        self.head_seq = chain.seq
         return len(chain.rows)
 
     async def _checkout(self) -> Any:
@@ -287,6 +293,7 @@ class SqliteAppender:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thallus-audit-sqlite")
         self._connection: sqlite3.Connection | None = None  # created, used and closed on that thread
+        self.head_seq = 0
 
     async def append(self, records: Sequence[Linkable], *, replay: bool = True) -> int:
         if not records:
@@ -316,6 +323,7 @@ class SqliteAppender:
             if chain.rows:
                 connection.execute(SQLITE_MOVE_HEAD, (chain.seq, chain.previous, _sqlite_time(timestamp(utcnow()))))
             connection.execute("COMMIT")
+            self.head_seq = chain.seq
             return len(chain.rows)
         except BaseException:
             self._abandon()
@@ -382,6 +390,7 @@ class CoreAppender:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self.head_seq = 0
 
     async def append(self, records: Sequence[Linkable], *, replay: bool = True) -> int:
         if not records:
@@ -399,7 +408,8 @@ class CoreAppender:
                 await connection.execute(
                     CORE_MOVE_HEAD, {"new_seq": chain.seq, "new_hash": chain.previous, "now": utcnow()}
                 )
-            return len(chain.rows)
+        self.head_seq = chain.seq  # committed
+        return len(chain.rows)
 
     async def close(self) -> None:
         return None

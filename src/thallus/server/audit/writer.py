@@ -132,7 +132,15 @@ class AuditWriter:
         self._last_orphan_scan = -math.inf
         self._orphans_seen = False
         self._sources: list[HoldsEvents] = []
-        self.stats = {"written": 0, "spilled": 0, "replayed": 0, "overflowed": 0}
+        #: records written, spilled (store away or slow), replayed, spilled by a full queue; batches
+        #: written — counts that only grow (the metrics read them: thallus.server.metrics)
+        self.stats = {"written": 0, "spilled": 0, "replayed": 0, "overflowed": 0, "batches": 0}
+        self.head_seq = 0  # the chain head's seq after this writer's last append (0 before the first)
+
+    @property
+    def queue_depth(self) -> int:
+        """Records waiting in the in-memory queue."""
+        return self._queue.qsize()
 
     # -- the sink -------------------------------------------------------------------------------
 
@@ -286,6 +294,7 @@ class AuditWriter:
             await self._retry_journals(force=True)
         if await self._store(batch, replay=False):
             self.stats["written"] += len(batch)
+            self.stats["batches"] += 1
         else:
             await self._spill(batch)
 
@@ -305,6 +314,7 @@ class AuditWriter:
                 self._log_error(f"audit store unreachable ({type(exc).__name__}); journalling")
                 return False
             raise
+        self.head_seq = appender.head_seq
         return True
 
     async def _spill(self, batch: list[Prepared]) -> None:

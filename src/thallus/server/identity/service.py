@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -55,6 +56,9 @@ IDENTIFIER_PURPOSE = "sign-in-identifier"
 #: Retry-After when an address's remaining attempts are all being verified right now.
 BUSY_RETRY_AFTER = 1
 HASHING_RETRY_AFTER = 2
+#: How a sign-in ends, as :attr:`Identity.logins` counts it: a session, a wrong or unknown
+#: credential, or an attempt the lockout refused (locked, or its attempts all under way).
+LOGIN_OUTCOMES = ("success", "failure", "locked", "concurrent_attempts")
 
 
 def normalize_email(email: str, *, loc: Sequence[str | int] = ("body", "email")) -> str:
@@ -155,6 +159,9 @@ class Identity:
         self.view = IdentityView(database)
         self.last_used = api_keys.LastUsedBuffer()
         self._flusher: asyncio.Task[None] | None = None
+        #: sign-ins by outcome (:data:`LOGIN_OUTCOMES`) and locks begun, for the metrics (never reset)
+        self.logins: Counter[str] = Counter()
+        self.lockouts = 0
 
     @classmethod
     def from_settings(
@@ -362,6 +369,7 @@ class Identity:
         if self.view.fresh and self.view.generation == generation:  # the first request needs no query
             self.view.sessions.put(session.id, SessionView(session.id, user.id, session.expires_at, revoked=False))
         self._audit("login", "success", user.id, client, resource=("session", session.id))
+        self.logins["success"] += 1
         return Login(user, session.id, self.tokens.issue(user.id, session.id), refresh)
 
     def _identifier_details(self, name: SignInName) -> dict[str, Any]:
@@ -383,6 +391,7 @@ class Identity:
             seconds = BUSY_RETRY_AFTER
             message = "Too many sign-in attempts for this account at once; try again shortly."
         reason = "locked" if outcome.verdict == "locked" else "concurrent_attempts"
+        self.logins[reason] += 1
         details = {**self._identifier_details(name), "reason": reason, "retry_after": seconds}
         self._audit("login_failed", "denied", user.id if user else None, client, details=details)
         raise RateLimitError(
@@ -394,9 +403,11 @@ class Identity:
     ) -> NoReturn:
         identifier = self._identifier_details(name)
         self._audit("login_failed", "failure", user_id, client, details=identifier)
+        self.logins["failure"] += 1
         if attempt is not None:
             outcome = await self._lockout_call(attempt.failed())
             if outcome.locked_for:
+                self.lockouts += 1
                 details = {**identifier, "failed_attempts": outcome.failed_attempts, "locked_for": outcome.locked_for}
                 self._audit("account_locked", "denied", user_id, client, details=details)
                 logger.warning(

@@ -1,5 +1,6 @@
 """Files only their owner may read: the data directory, the SQLite database, the audit journal,
-the development secret (0700 directories, 0600 files, whatever the process's umask).
+the development secret, the workers' metrics snapshots (0700 directories, 0600 files, whatever
+the process's umask).
 
 They hold password hashes, session and key hashes, the audit trail and the key that signs
 every token; on a shared host, a umask of 022 would otherwise make all of them world-readable.
@@ -43,3 +44,19 @@ def private_file(path: Path) -> Path:
     os.fchmod(descriptor, FILE_MODE)
     os.close(descriptor)
     return path
+
+
+def replace_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically as a 0600 file: a temporary file beside it, renamed over
+    it, so a reader sees the old content or the new, never a half-written file."""
+    private_directory(path.parent)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.fchmod(descriptor, FILE_MODE)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view) :]
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, path)
