@@ -108,3 +108,32 @@ def running_server(environment: Mapping[str, str], *extra_args: str) -> Iterator
             data_dir.cleanup()
     leaks = leaking_lines(output.splitlines())
     assert not leaks, f"thallus serve logged {len(leaks)} lines carrying a secret, e.g. {leaks[:2]}"
+
+
+def serving(command: list[str], cwd: Path, url: str, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Run ``command`` (any server) in ``cwd`` until ``url`` answers; yield ``url``; stop it.
+
+    For servers other than ``thallus serve`` (:func:`running_server`): uvicorn or ``fastapi run``
+    on a module, a wheel's console script. Iterate it once (``for url in serving(...)``)."""
+    process = subprocess.Popen(
+        command, cwd=cwd, env=dict(env) if env is not None else None, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                output = process.stdout.read() if process.stdout else ""
+                raise AssertionError(f"{command} exited {process.returncode}: {output[-3000:]}")
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{command} did not answer within 60 s") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        stop_process(process, 10)
+        if process.stdout is not None:
+            process.stdout.close()

@@ -19,40 +19,23 @@ import os
 import re
 import subprocess
 import sys
-import time
 import venv
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server import free_port, stop_process
+from tests.server import free_port, serving
+from thallus.cli import SERVER_MODULES
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "thallus"
 README = ROOT / "README.md"
 
-#: What only the server extra brings; none of it may load with the layers.
-SERVICE_MODULES = (
-    "aiosqlite",
-    "alembic",
-    "anyio",
-    "argon2",
-    "asyncpg",
-    "coredis",
-    "email_validator",
-    "fastapi",
-    "fastapi_offline",
-    "h11",
-    "httpx",
-    "jwt",
-    "prometheus_client",  # the metrics extra: thallus.metrics imports it only when a Metrics is made
-    "rich",
-    "sqlalchemy",
-    "starlette",
-    "uvicorn",
-)
+#: What only the extras bring (the server's, the scanner's, the metrics'); none of it may load with
+#: the layers. The server's list is the one the ``thallus`` entry point names when it is missing, but
+#: uuid-utils: the layers use it when it is there (the speedups extra).
+SERVICE_MODULES = tuple(sorted((SERVER_MODULES - {"uuid_utils"}) | {"httpx", "prometheus_client"}))
 MAX_PACKAGES = 12
 MAX_INSTALLED_BYTES = 20 * 1024 * 1024
 
@@ -166,28 +149,6 @@ def readme_library_example() -> str:
     match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     assert match, "the README's library section has no python example"
     return match.group(1)
-
-
-def serving(command: list[str], cwd: Path, url: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                output = process.stdout.read() if process.stdout else ""
-                raise AssertionError(f"{command} exited {process.returncode}: {output[-3000:]}")
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{command} did not answer within 60 s") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        stop_process(process, 10)
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 def test_the_wheel_alone_is_the_lean_library(wheel: Path, tmp_path: Path) -> None:

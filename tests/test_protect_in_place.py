@@ -10,11 +10,8 @@ foreign-origin cookie POST, a JSON 500 with the correlation ID. Before the chang
 from __future__ import annotations
 
 import gc
-import subprocess
 import sys
-import time
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.asgi import call
-from tests.server import free_port, stop_process
+from tests.server import free_port, serving
 from thallus import Settings, protect
 from thallus._asgi import Receive, Scope, Send
 from thallus.stack import ProtectedApp, protection
@@ -188,31 +185,6 @@ def module_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def serve(command: list[str], directory: Path, port: int) -> Iterator[str]:
-    process = subprocess.Popen(
-        command, cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=None
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                output = process.stdout.read() if process.stdout else ""
-                raise AssertionError(f"{command} exited {process.returncode}: {output[-2000:]}")
-            try:
-                httpx.get(url + "/items", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{command} did not answer within 30 s") from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        stop_process(process, 10)
-        if process.stdout is not None:
-            process.stdout.close()
-
-
 COMMANDS = {
     "uvicorn main:api": lambda port: [sys.executable, "-m", "uvicorn", "main:api", "--port", str(port)],
     "uvicorn main:app": lambda port: [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)],
@@ -238,7 +210,7 @@ COMMANDS = {
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_way_of_serving_the_readme_module_serves_the_protected_app(command: str, module_dir: Path) -> None:
     port = free_port()
-    for url in serve(COMMANDS[command](port), module_dir, port):
+    for url in serving(COMMANDS[command](port), module_dir, f"http://127.0.0.1:{port}"):
         ok = httpx.get(url + "/items", timeout=10)
         assert ok.status_code == 200
         assert ok.headers["x-content-type-options"] == "nosniff"
