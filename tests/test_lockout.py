@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import RedisTarget
 from tests.server import THALLUS
-from tests.service import PASSWORD, Api, running_api, settings_for
+from tests.service import PASSWORD, SECRET, Api, running_api, settings_for
 
 WRONG = "Wrong-Password-123!"
 
@@ -148,6 +148,7 @@ def test_cli_unlock(tmp_path: Path, redis_target: RedisTarget) -> None:
             THALLUS_REDIS_URL=redis_target.url,
             THALLUS_REDIS_KEY_PREFIX=redis_target.prefix,
             THALLUS_DATA_DIR=str(tmp_path),
+            THALLUS_SECRET_KEY=SECRET,  # the server's: the lockout keys are keyed by it
         )
         result = subprocess.run(
             [THALLUS, "users", "unlock", "--email", "ada@example.com"],

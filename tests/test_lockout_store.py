@@ -8,11 +8,13 @@ reservations at once — in one process, and through two Redis clients standing 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -245,3 +247,26 @@ def test_hashing_threads_yield_the_cpu_to_requests() -> None:
     loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     thread_nice = asyncio.run(slots.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
     assert thread_nice == min(19, loop_nice + HASHING_NICENESS)
+
+
+def test_the_service_keys_its_lockout_keys_with_its_secret(redis_target: RedisTarget, tmp_path: Path) -> None:
+    """What Redis holds names no address, and no list of addresses reverses it without the secret."""
+    from thallus.server.api import login_lockout
+    from thallus.server.identity.keys import KeyRing
+    from thallus.server.settings import ServiceSettings
+
+    settings = ServiceSettings(
+        secret_key="k" * 48, redis_url=redis_target.url, redis_key_prefix=redis_target.prefix, data_dir=tmp_path
+    )
+    other = ServiceSettings(
+        secret_key="o" * 48, redis_url=redis_target.url, redis_key_prefix=redis_target.prefix, data_dir=tmp_path
+    )
+    key = login_lockout(settings).key("ada@example.com")
+    unkeyed = hashlib.sha256(b"ada@example.com").hexdigest()[:32]
+    assert (
+        key
+        == f"{redis_target.prefix}/lockout/{{{KeyRing.from_settings(settings).hash('lockout', 'ada@example.com')[:32]}}}"
+    )
+    assert unkeyed not in key and "ada" not in key
+    assert login_lockout(other).key("ada@example.com") != key, "another secret, another key"
+    assert login_lockout(settings).key("ada@example.com") == key, "every instance with the secret agrees"

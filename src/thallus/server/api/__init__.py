@@ -26,6 +26,7 @@ from thallus.server.audit.coalesce import CoalescingSink
 from thallus.server.audit.store import AuditStore
 from thallus.server.audit.writer import AuditWriter
 from thallus.server.auth import AuthenticationMiddleware
+from thallus.server.identity.keys import KeyRing
 from thallus.server.identity.lockout import LoginLockout, lockout_store
 from thallus.server.identity.service import Identity
 from thallus.server.metrics import ServiceMetrics
@@ -122,11 +123,13 @@ def create_api(
 
 def login_lockout(settings: ServiceSettings) -> LoginLockout:
     """The login lockout on its own store: memory, or Redis when ``THALLUS_REDIS_URL`` is set."""
+    keys = KeyRing.from_settings(settings)
     return LoginLockout(
         lockout_store(settings.redis_url),
         threshold=settings.lockout_threshold,
         steps=settings.lockout_steps,
         key_prefix=settings.redis_key_prefix,
+        subject_hash=lambda subject: keys.hash("lockout", subject),
     )
 
 

@@ -74,6 +74,11 @@ class LockoutStore(Protocol):
     async def unlock(self, key: str) -> bool: ...
 
 
+def _unkeyed_hash(subject: str) -> str:
+    """SHA-256 of the subject: for a lockout built without the service's keyed hash (tests, tools)."""
+    return hashlib.sha256(subject.encode()).hexdigest()
+
+
 class LoginLockout:
     """The lockout policy over a store; subjects are hashed into keys (no address in Redis)."""
 
@@ -85,6 +90,7 @@ class LoginLockout:
         steps: Sequence[int],
         key_prefix: str = "thallus",
         inflight_ttl: int = DEFAULT_INFLIGHT_TTL,
+        subject_hash: Callable[[str], str] | None = None,
     ) -> None:
         if threshold < 1 or not steps or any(step <= 0 for step in steps):
             raise ValueError("the threshold and every step must be positive")
@@ -93,12 +99,14 @@ class LoginLockout:
         self.steps = tuple(steps)
         self.key_prefix = key_prefix
         self.inflight_ttl = inflight_ttl
+        self.subject_hash = subject_hash or _unkeyed_hash
 
     def key(self, subject: str) -> str:
         """``prefix/lockout/{digest}``: the braces are a Redis Cluster hash tag, which keeps one
-        subject's keys on one slot (a script may only touch keys of one slot)."""
-        digest = hashlib.sha256(subject.encode()).hexdigest()[:32]
-        return f"{self.key_prefix}/lockout/{{{digest}}}"
+        subject's keys on one slot (a script may only touch keys of one slot). The service passes
+        a hash keyed by its secret (``subject_hash``): an unkeyed digest of an address is reversed
+        by hashing a list of addresses, so whoever reads Redis would learn who is being attacked."""
+        return f"{self.key_prefix}/lockout/{{{self.subject_hash(subject)[:32]}}}"
 
     async def reserve(self, subject: str) -> Attempt | Reservation:
         """An :class:`Attempt` that may verify one password, or the refusal (locked or busy)."""
