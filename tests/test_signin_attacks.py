@@ -828,6 +828,37 @@ OTHER_TEXT = "correct horse battery"
 
 
 @stacks(SQLITE_MEMORY, POSTGRES_REDIS)
+def test_a_stolen_access_token_gets_no_more_guesses_at_the_password_than_a_sign_in(
+    environment: dict[str, str],
+) -> None:
+    """Attack: with a stolen access token, guess the current password through POST /auth/password
+    (each guess the per-IP auth limit allows, from many addresses). Rule: the guesses count with the
+    account's lockout — after the threshold, 429 with Retry-After, no password verified, the right
+    password refused too, and the account's sign-in is locked as after failed sign-ins."""
+    env = {**environment, "THALLUS_LOCKOUT_THRESHOLD": "3", "THALLUS_RATE_LIMIT_AUTH": "1000/minute"}
+    create_user(env, "pat@example.com")
+    with serve(env) as server:
+        via = xff("198.51.100.60")
+        signed_in = login(server.url, "pat@example.com", PASSWORD, via=via)
+        assert signed_in.status_code == 200, signed_in.text
+        token = signed_in.json()["access_token"]
+        answers = []
+        for guess in range(6):
+            headers = {"Authorization": f"Bearer {token}", **xff(f"203.0.113.{guess + 1}")}
+            body = {"current_password": f"Wrong-Guess-{guess}!", "new_password": NEW_PASSWORD}
+            answers.append(request("POST", server.url + PASSWORD_CHANGE, headers=headers, json=body))
+        assert [answer.status_code for answer in answers] == [403, 403, 403, 429, 429, 429], [a.text for a in answers]
+        assert_rate_limited(answers[-1])
+        right = request(
+            "POST",
+            server.url + PASSWORD_CHANGE,
+            headers={"Authorization": f"Bearer {token}", **via},
+            json={"current_password": PASSWORD, "new_password": NEW_PASSWORD},
+        )
+        assert right.status_code == 429, "locked: not even the right password is checked"
+        assert login(server.url, "pat@example.com", PASSWORD, via=xff("198.51.100.61")).status_code == 429
+
+
 def test_a_password_typed_as_the_identifier_never_reaches_the_audit_log(environment: dict[str, str]) -> None:
     """Attack 7: users type their password into the e-mail field; whoever reads the audit log (or its
     export) collects passwords. Rule: a non-address answers the usual 401 and is audited as

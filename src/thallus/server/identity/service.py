@@ -553,9 +553,24 @@ class Identity:
         require_session(principal, "Changing the password")
         check_password(new, loc=("body", "new_password"))
         user = await self.get_user(principal.user_id)
-        if not await self._hashing(self.hasher.verify(user.password_hash, current)):
-            self._audit("password_change", "failure", user.id, client, error="wrong current password")
-            raise PermissionDeniedError("The current password is incorrect.")
+        # The current password is a guess like a sign-in's: it counts with the account's lockout
+        # (a stolen access token must not buy unlimited guesses at it), reserved before verifying.
+        attempt = await self._reserve_attempt(SignInName.of(user.email), client)
+        try:
+            if not await self._hashing(self.hasher.verify(user.password_hash, current)):
+                self._audit("password_change", "failure", user.id, client, error="wrong current password")
+                if attempt is not None:
+                    outcome = await self._lockout_call(attempt.failed())
+                    if outcome.locked_for:
+                        self.lockouts += 1
+                        details = {"failed_attempts": outcome.failed_attempts, "locked_for": outcome.locked_for}
+                        self._audit("account_locked", "denied", user.id, client, details=details)
+                raise PermissionDeniedError("The current password is incorrect.")
+            if attempt is not None:
+                await self._lockout_call(attempt.succeeded())
+        finally:
+            if attempt is not None:
+                await self._lockout_call(attempt.release())
         new_hash = await self._hashing(self.hasher.hash(new))
         now = utcnow()
         async with self.database.session() as db:
