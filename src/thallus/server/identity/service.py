@@ -404,16 +404,23 @@ class Identity:
         identifier = self._identifier_details(name)
         self._audit("login_failed", "failure", user_id, client, details=identifier)
         self.logins["failure"] += 1
-        if attempt is not None:
-            outcome = await self._lockout_call(attempt.failed())
-            if outcome.locked_for:
-                self.lockouts += 1
-                details = {**identifier, "failed_attempts": outcome.failed_attempts, "locked_for": outcome.locked_for}
-                self._audit("account_locked", "denied", user_id, client, details=details)
-                logger.warning(
-                    "sign-in locked for %s seconds after %s failures", outcome.locked_for, outcome.failed_attempts
-                )
+        await self._count_failure(attempt, user_id, client, identifier)
         raise AuthenticationError(LOGIN_FAILED_MESSAGE)
+
+    async def _count_failure(
+        self, attempt: Attempt | None, user_id: str | None, client: ClientInfo, identifier: dict[str, Any]
+    ) -> None:
+        """A wrong password, counted with the lockout; the lock it may begin is audited and logged."""
+        if attempt is None:
+            return
+        outcome = await self._lockout_call(attempt.failed())
+        if outcome.locked_for:
+            self.lockouts += 1
+            details = {**identifier, "failed_attempts": outcome.failed_attempts, "locked_for": outcome.locked_for}
+            self._audit("account_locked", "denied", user_id, client, details=details)
+            logger.warning(
+                "sign-in locked for %s seconds after %s failures", outcome.locked_for, outcome.failed_attempts
+            )
 
     @staticmethod
     async def _lockout_call(operation: Awaitable[T]) -> T:
@@ -559,12 +566,7 @@ class Identity:
         try:
             if not await self._hashing(self.hasher.verify(user.password_hash, current)):
                 self._audit("password_change", "failure", user.id, client, error="wrong current password")
-                if attempt is not None:
-                    outcome = await self._lockout_call(attempt.failed())
-                    if outcome.locked_for:
-                        self.lockouts += 1
-                        details = {"failed_attempts": outcome.failed_attempts, "locked_for": outcome.locked_for}
-                        self._audit("account_locked", "denied", user.id, client, details=details)
+                await self._count_failure(attempt, user.id, client, {})
                 raise PermissionDeniedError("The current password is incorrect.")
             if attempt is not None:
                 await self._lockout_call(attempt.succeeded())
