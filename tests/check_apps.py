@@ -14,14 +14,10 @@ import json
 import re
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
-
-import uvicorn
 
 from thallus._asgi import Receive, Scope, Send
 
@@ -168,45 +164,6 @@ class Redirect:
         headers = [(b"location", self.location.encode()), (b"content-length", b"0")]
         await send({"type": "http.response.start", "status": 302, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def served(app: Any, host: str = "127.0.0.1", tls: tuple[str, str] | None = None) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a loopback port in a thread (over TLS with ``tls``, a
-    certificate and key file); yields its base URL."""
-    port = free_port(host)
-    config = uvicorn.Config(
-        cast(Any, app),
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        server_header=False,
-        ssl_certfile=tls[0] if tls else None,
-        ssl_keyfile=tls[1] if tls else None,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
-        time.sleep(0.02)
-    try:
-        yield f"{'https' if tls else 'http'}://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(WAIT_SECONDS)
 
 
 @contextmanager

@@ -13,18 +13,19 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, cast
 
 import httpx
+import uvicorn
 
 from tests.leaks import leaking_lines
 
 THALLUS = str(Path(sys.executable).parent / "thallus")
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -137,3 +138,39 @@ def serving(command: list[str], cwd: Path, url: str, env: Mapping[str, str] | No
         stop_process(process, 10)
         if process.stdout is not None:
             process.stdout.close()
+
+
+#: How long an in-process uvicorn may take to start, or to stop.
+THREAD_START_SECONDS = 10
+
+
+@contextmanager
+def served(app: Any, host: str = "127.0.0.1", tls: tuple[str, str] | None = None) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a loopback port in a thread (over TLS with ``tls``, a
+    certificate and key file); yields its base URL."""
+    port = free_port(host)
+    config = uvicorn.Config(
+        cast(Any, app),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + THREAD_START_SECONDS
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"{'https' if tls else 'http'}://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(THREAD_START_SECONDS)

@@ -25,8 +25,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.check_apps import ALLOWED, CSRF_ENDPOINT, App, Flaws, Hostile, Redirect, raw_listener, served
-from tests.server import THALLUS, running_server
+from tests.check_apps import ALLOWED, CSRF_ENDPOINT, App, Flaws, Hostile, Redirect, raw_listener
+from tests.server import THALLUS, running_server, served
 from thallus.check import cookies, cors, csp, grading, headers, scan
 from thallus.check.cli import CHECK_EXTRA
 from thallus.check.model import REASON_LIMIT, Answer, Probe, Result, Status, Target

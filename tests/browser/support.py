@@ -30,14 +30,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
-import uvicorn
 from playwright.sync_api import BrowserContext, Cookie, Page, Response
 
-from tests.server import THALLUS, Server, free_port, running_server
+from tests.server import THALLUS, Server, running_server, served
 from thallus._asgi import ASGIApp
 
 # -- the suite's settings ----------------------------------------------------------------------
@@ -232,24 +231,8 @@ def api_key_for(backend: Backend) -> str:
 @contextmanager
 def uvicorn_thread(app: ASGIApp) -> Iterator[int]:
     """Serve an ASGI app with uvicorn on 127.0.0.1 in a thread of this process; yields the port."""
-    port = free_port()
-    config = uvicorn.Config(
-        cast(Any, app), host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError(f"uvicorn did not start on port {port}")
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(WAIT_SECONDS)
+    with served(app) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 # -- page sites --------------------------------------------------------------------------------
