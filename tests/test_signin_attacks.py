@@ -30,6 +30,8 @@ deadline.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import math
 import os
 import ssl
@@ -47,6 +49,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import coredis
 import httpx
 import pytest
 from sqlalchemy.engine import URL
@@ -857,6 +860,36 @@ def test_a_stolen_access_token_gets_no_more_guesses_at_the_password_than_a_sign_
         )
         assert right.status_code == 429, "locked: not even the right password is checked"
         assert login(server.url, "pat@example.com", PASSWORD, via=xff("198.51.100.61")).status_code == 429
+
+
+@stacks(SQLITE_REDIS)
+def test_redis_names_no_account_under_attack(environment: dict[str, str]) -> None:
+    """Attack: read Redis (a shared cache is often less guarded than the database) to learn which
+    accounts are being guessed at. Rule: no key or value holds the address, its plain SHA-256 (what
+    a list of addresses reverses) or its canonical form; only a hash keyed by the service's secret."""
+    env = {**environment, "THALLUS_LOCKOUT_THRESHOLD": "2", "THALLUS_RATE_LIMIT_AUTH": "1000/minute"}
+    create_user(env, "quinn@example.com")
+    with serve(env) as server:
+        for guess in range(3):
+            login(server.url, "Quinn@Example.com", f"Wrong-{guess}!", via=xff(f"203.0.113.{70 + guess}"))
+        assert login(server.url, "quinn@example.com", PASSWORD, via=xff("203.0.113.80")).status_code == 429
+
+    async def dump() -> list[bytes]:
+        redis: coredis.Redis[bytes] = coredis.Redis.from_url(env["THALLUS_REDIS_URL"])
+        keys = [key async for key in redis.scan_iter(match=env["THALLUS_REDIS_KEY_PREFIX"] + "*")]
+        contents: list[bytes] = list(keys)
+        for key in keys:
+            if await redis.type(key) == b"hash":
+                contents += [item for pair in (await redis.hgetall(key)).items() for item in pair]
+            elif await redis.type(key) == b"string":
+                contents.append(await redis.get(key) or b"")
+        return contents
+
+    stored = b"\n".join(asyncio.run(dump()))
+    assert b"/lockout/{" in stored, "the lockout lives in Redis on this stack"
+    for spelling in ("quinn@example.com", "Quinn@Example.com"):
+        assert spelling.encode() not in stored
+        assert hashlib.sha256(spelling.encode()).hexdigest()[:32].encode() not in stored
 
 
 def test_a_password_typed_as_the_identifier_never_reaches_the_audit_log(environment: dict[str, str]) -> None:
