@@ -29,12 +29,16 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from thallus._asgi import ASGIApp, Message, RawHeaders, Receive, Scope, Send
 from thallus.audit import AuditEvent, AuditSink, request_fields
 from thallus.correlation import HEADER as CORRELATION_HEADER
 from thallus.errors import send_error
 from thallus.origins import OriginMatcher, parse_origins
+
+if TYPE_CHECKING:
+    from thallus.settings import Settings
 
 logger = logging.getLogger("thallus.cors")
 
@@ -130,6 +134,20 @@ class HeadersByOrigin(dict[bytes | None, tuple[tuple[bytes, bytes], ...]]):
 
 class CORSMiddleware:
     """Pure-ASGI CORS layer; all header lists are rendered to bytes at construction."""
+
+    @classmethod
+    def from_settings(cls, app: ASGIApp, settings: Settings, audit: AuditSink | None = None) -> CORSMiddleware:
+        """The layer :func:`~thallus.protect` builds from ``settings`` (also what ``config show`` prints)."""
+        return cls(
+            app,
+            settings.origins,
+            allow_methods=settings.cors_allow_methods,
+            expose_headers=settings.cors_expose_headers,
+            extra_allowed_headers=settings.cors_extra_headers,
+            correlation_header=settings.correlation_header,
+            max_age=settings.cors_max_age,
+            audit=audit,
+        )
 
     def __init__(
         self,

@@ -258,16 +258,7 @@ def _compose(app: ASGIApp, settings: Settings, parts: _Parts) -> ProtectedApp:
         )
     boundary = ErrorBoundaryMiddleware(wrapped, expose_details=settings.expose_error_details)
     request_audit = AuditRequestMiddleware(boundary, audit) if audit is not None else None
-    cors = CORSMiddleware(
-        request_audit or boundary,
-        settings.origins,
-        allow_methods=settings.cors_allow_methods,
-        expose_headers=settings.cors_expose_headers,
-        extra_allowed_headers=settings.cors_extra_headers,
-        correlation_header=settings.correlation_header,
-        max_age=settings.cors_max_age,
-        audit=layer_audit,
-    )
+    cors = CORSMiddleware.from_settings(request_audit or boundary, settings, layer_audit)
     headers = SecurityHeadersMiddleware(cors, HeaderPolicy.from_settings(settings))
     return ProtectedApp(
         CorrelationIdMiddleware(

@@ -65,21 +65,8 @@ _DISPLAY_NAMES = {
 }
 
 
-def _effective_cors(settings: ServiceSettings) -> CORSMiddleware:
-    """The CORS layer these settings build (its lists as checked and completed at start-up)."""
-
-    async def unused(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover - never called
-        raise AssertionError
-
-    return CORSMiddleware(
-        unused,
-        settings.origins,
-        allow_methods=settings.cors_allow_methods,
-        expose_headers=settings.cors_expose_headers,
-        extra_allowed_headers=settings.cors_extra_headers,
-        correlation_header=settings.correlation_header,
-        max_age=settings.cors_max_age,
-    )
+async def _never_called(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover
+    raise AssertionError("config show only reads the CORS layer's lists")
 
 
 def effective_policy(settings: ServiceSettings) -> dict[str, Any]:
@@ -90,7 +77,7 @@ def effective_policy(settings: ServiceSettings) -> dict[str, Any]:
         _DISPLAY_NAMES.get(name.decode(), name.decode()): value.decode("latin-1") for name, value in policy.headers
     }
     no_store_on = ["every error response (status >= 400)", *(f"paths under {path}" for path in settings.no_store_paths)]
-    cors = _effective_cors(settings)
+    cors = CORSMiddleware.from_settings(_never_called, settings)  # its lists as checked at start-up
     return {
         "environment": settings.env,
         "public_origin": settings.public_origin,
