@@ -9,7 +9,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,22 @@ def stop_process(process: subprocess.Popen[str], grace: float) -> None:
             process.wait()
 
 
+def wait_until_answering(process: subprocess.Popen[str], url: str, seconds: float, output: Callable[[], str]) -> None:
+    """Poll ``url`` until it answers; fail with the process's ``output()`` if it exits first or
+    does not answer within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}: {output()}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{process.args!r} did not answer within {seconds:g} s: {output()}") from None
+            time.sleep(0.1)
+
+
 @contextmanager
 def running_server(environment: Mapping[str, str], *extra_args: str) -> Iterator[Server]:
     port = free_port()
@@ -91,17 +107,7 @@ def running_server(environment: Mapping[str, str], *extra_args: str) -> Iterator
     server = Server(f"http://127.0.0.1:{port}", port, process)
     server.start_reading()
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"thallus serve exited with {process.returncode}: {server.output()}")
-            try:
-                httpx.get(server.url + "/health", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"thallus serve did not answer: {server.output()}") from None
-                time.sleep(0.1)
+        wait_until_answering(process, server.url + "/health", 20, server.output)
         yield server
     finally:
         output = server.output()
@@ -121,18 +127,7 @@ def serving(command: list[str], cwd: Path, url: str, env: Mapping[str, str] | No
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                output = process.stdout.read() if process.stdout else ""
-                raise AssertionError(f"{command} exited {process.returncode}: {output[-3000:]}")
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{command} did not answer within 60 s") from None
-                time.sleep(0.1)
+        wait_until_answering(process, url, 60, lambda: process.stdout.read()[-3000:] if process.stdout else "")
         yield url
     finally:
         stop_process(process, 10)
